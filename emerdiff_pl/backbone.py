@@ -1,0 +1,209 @@
+"""Stable Diffusion components for EmerDiff: from a hub id, a local diffusers folder, or `tiny-random`.
+
+Only what the method needs is loaded (U-Net, VAE, text encoder + tokenizer for the empty prompt, and the
+scheduler's noise schedule as a DDPM scheduler); no pipeline, no safety checker, no network assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from torch import Tensor
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+TINY_RANDOM = "tiny-random"
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_SHIPPED_MODELS = Path(__file__).parent / "assets"
+
+
+@dataclass
+class Backbone:
+    """The frozen components, plus the empty-prompt embedding computed once."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDPMScheduler
+    source: str
+    _empty_prompt: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def empty_prompt_embedding(self) -> Tensor:
+        """Text conditioning for "" (1, L, D), on the text encoder's device; no classifier-free guidance."""
+        if self._empty_prompt is None:
+            ids = self.tokenizer(
+                "",
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            device = next(self.text_encoder.parameters()).device
+            self._empty_prompt = self.text_encoder(ids.to(device))[0]
+        return self._empty_prompt
+
+
+def ddpm_scheduler(config: dict) -> DDPMScheduler:
+    """The model's noise schedule as the DDPM scheduler of SPEC §1.2 ("leading" spacing, steps_offset 1)."""
+    return DDPMScheduler.from_config(
+        config,
+        steps_offset=1,
+        timestep_spacing="leading",
+        clip_sample=False,
+        thresholding=False,
+        variance_type="fixed_small",
+    )
+
+
+def tiny_random_components(seed: int = 0) -> dict:
+    """Tiny SD-shaped components built in-process: SD 1.x block structure and layer names, random weights.
+
+    VAE downsamples by 2, so a 64² image gives 32² latents and an 8² feature level at `up_blocks.1`
+    (the level SD runs at 16² for 512²). Runs a U-Net call in milliseconds on a CPU; for tests and demos.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(8, 16, 16, 32),
+            norm_num_groups=4,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=32,
+            attention_head_dim=2,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            sample_size=64,
+            layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(16, 32),
+            norm_num_groups=8,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(_tiny_vocab()),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+        )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        timestep_spacing="leading",
+        clip_sample=False,
+        prediction_type="epsilon",
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tiny_tokenizer(),
+        "scheduler": scheduler,
+    }
+
+
+def _tiny_vocab() -> dict[str, int]:
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    return vocab
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer over a 54-token vocabulary written locally: the empty prompt needs no hub."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(_tiny_vocab()))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(
+            str(Path(tmp) / "vocab.json"),
+            str(Path(tmp) / "merges.txt"),
+            model_max_length=77,
+            pad_token="<|endoftext|>",
+        )
+
+
+def _resolve_local(pretrained: str) -> Path | None:
+    """A local folder for `pretrained`, a shipped model name (e.g. `toyworld-ldm`), or None for a hub id."""
+    shipped = _SHIPPED_MODELS / pretrained
+    if "/" not in pretrained and shipped.is_dir():
+        return shipped
+    path = Path(pretrained).expanduser()
+    looks_local = path.is_absolute() or pretrained.startswith((".", "~")) or path.exists()
+    if not looks_local and pretrained.count("/") == 1:
+        return None  # "org/name": a hub id
+    if not path.is_dir():
+        shipped_names = sorted(p.name for p in _SHIPPED_MODELS.iterdir()) if _SHIPPED_MODELS.is_dir() else []
+        raise FileNotFoundError(
+            f"pretrained={pretrained!r} is not a folder. Pass a local diffusers folder (with "
+            f"{', '.join(COMPONENTS)} subfolders), a hub id like 'CompVis/stable-diffusion-v1-4', "
+            f"{TINY_RANDOM!r}, or a shipped model: {shipped_names}"
+        )
+    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+    if missing:
+        present = sorted(p.name for p in path.iterdir())
+        raise FileNotFoundError(
+            f"diffusers folder {str(path)!r} lacks {missing}; it holds {present}. Save each component with "
+            "save_pretrained (pipeline.save_pretrained(folder) writes them all)."
+        )
+    return path
+
+
+def load_backbone(pretrained: str, dtype: torch.dtype = torch.float32) -> Backbone:
+    """Load the frozen SD components (eval mode, no grad) in `dtype` on the CPU."""
+    if pretrained == TINY_RANDOM:
+        parts = tiny_random_components()
+    else:
+        local = _resolve_local(pretrained)
+        source = str(local) if local is not None else pretrained
+        try:
+            parts = {
+                "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet"),
+                "vae": AutoencoderKL.from_pretrained(source, subfolder="vae"),
+                "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
+                "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
+                "scheduler": DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
+            }
+        except (OSError, ValueError) as err:
+            if local is not None:
+                raise
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+            raise OSError(
+                f"could not load hub model {pretrained!r} ({'offline mode, ' if offline else ''}{err.__class__.__name__}). "
+                "Without network access, download it once where you have access "
+                f"(`hf download {pretrained} --local-dir /path/sd`) and pass pretrained=/path/sd."
+            ) from err
+    parts["scheduler"] = ddpm_scheduler(dict(parts["scheduler"].config))
+    for name in ("unet", "vae", "text_encoder"):
+        parts[name].requires_grad_(False).eval().to(dtype=dtype)
+    return Backbone(source=pretrained, **parts)
+
+
+__all__ = ["Backbone", "TINY_RANDOM", "load_backbone", "ddpm_scheduler", "tiny_random_components"]

@@ -1,0 +1,426 @@
+"""Dataset-level relabelling: per-image cluster ids → global class ids shared by every image.
+
+Every low-res mask of every image has an embedding (``<key>.emb.npy``, K×D, the mean feature inside the mask).
+``emerdiff-pl relabel`` clusters these embeddings into C global classes with seeded torch k-means, each mask
+weighted by its area (pixel count in ``<key>.lowres.png``), then rewrites each image's label maps through its
+mask → class mapping. To keep a million images in memory the fit uses a seeded uniform sub-sample of masks
+(``--max-fit-masks``); every mask is then assigned to its nearest centroid in a second, streaming pass.
+The centroids are saved so the same mapping can be applied to new data (``--centroids``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from emerdiff_pl.shardio import (
+    TarWriter,
+    decode_field,
+    encode_json,
+    encode_label_png,
+    expand_urls,
+    iter_raw_samples,
+)
+
+EMB_FIELD = "emb.npy"
+SEG_FIELD = "seg.png"
+LOWRES_FIELD = "lowres.png"
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def mask_areas(sample: dict[str, Any], num_masks: int, key: str) -> np.ndarray:
+    """Pixel count of each mask id in the low-res map (``seg.png`` when there is no low-res map)."""
+    field = LOWRES_FIELD if LOWRES_FIELD in sample else SEG_FIELD
+    if field not in sample:
+        raise KeyError(f"sample {key!r} has neither {LOWRES_FIELD!r} nor {SEG_FIELD!r} to weigh its masks")
+    labels = sample[field]
+    if labels.size and int(labels.max()) >= num_masks:
+        raise ValueError(
+            f"sample {key!r}: {field} holds id {int(labels.max())} but {EMB_FIELD} has only {num_masks} rows"
+        )
+    return np.bincount(labels.reshape(-1).astype(np.int64), minlength=num_masks)[:num_masks]
+
+
+def iter_mask_embeddings(urls: str | list[str]) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """(key, embeddings K×D float32, areas K) per sample, decoding only the fields needed."""
+    for raw in iter_raw_samples(urls, fields={EMB_FIELD, LOWRES_FIELD, SEG_FIELD}):
+        key = raw["__key__"]
+        if EMB_FIELD not in raw:
+            raise KeyError(
+                f"sample {key!r} in {raw['__url__']} has no {EMB_FIELD!r}: not a prediction shard?"
+            )
+        emb = decode_field(EMB_FIELD, raw[EMB_FIELD]).astype(np.float32)
+        if emb.ndim != 2:
+            raise ValueError(f"sample {key!r}: {EMB_FIELD} must be K×D, got shape {emb.shape}")
+        area_src = {f: decode_field(f, raw[f]) for f in (LOWRES_FIELD, SEG_FIELD) if f in raw}
+        if LOWRES_FIELD in area_src:
+            area_src.pop(SEG_FIELD, None)
+        yield key, emb, mask_areas(area_src, emb.shape[0], key)
+
+
+class MaskReservoir:
+    """Seeded uniform sample (Algorithm R) of at most ``capacity`` mask embeddings and their areas."""
+
+    def __init__(self, capacity: int, seed: int):
+        if capacity < 1:
+            raise ValueError(f"--max-fit-masks must be ≥ 1, got {capacity}")
+        self.capacity = capacity
+        self.rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED]))
+        self.embeddings: np.ndarray | None = None  # capacity × D float16 (memory: half of float32)
+        self.weights = np.zeros(capacity, dtype=np.float64)
+        self.seen = 0
+
+    def add(self, emb: np.ndarray, areas: np.ndarray) -> None:
+        keep = (areas > 0) & np.isfinite(emb).all(1)
+        emb, areas = emb[keep], areas[keep]
+        if len(emb) == 0:
+            return
+        if self.embeddings is None:
+            self.embeddings = np.zeros((self.capacity, emb.shape[1]), dtype=np.float16)
+        elif emb.shape[1] != self.embeddings.shape[1]:
+            raise ValueError(
+                f"embedding dimension {emb.shape[1]} differs from the first sample's {self.embeddings.shape[1]}"
+            )
+        index = self.seen + np.arange(len(emb))  # 0-based position of each mask in the stream
+        slots = np.where(
+            index < self.capacity, index, (self.rng.random(len(emb)) * (index + 1)).astype(np.int64)
+        )
+        take = slots < self.capacity
+        self.embeddings[slots[take]] = emb[take]
+        self.weights[slots[take]] = areas[take]
+        self.seen += len(emb)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        n = min(self.seen, self.capacity)
+        if self.embeddings is None or n == 0:
+            raise ValueError("no mask with a non-zero area and finite embedding was found")
+        return self.embeddings[:n].astype(np.float32), self.weights[:n]
+
+
+def fit_centroids(
+    embeddings: np.ndarray,
+    weights: np.ndarray,
+    num_classes: int,
+    *,
+    seed: int,
+    n_init: int,
+    max_iter: int,
+    normalize: bool,
+    device: torch.device,
+) -> tuple[np.ndarray, float]:
+    """Weighted k-means of the sampled mask embeddings; restarts run one by one (memory ∝ one copy of x)."""
+    from emerdiff_pl.kmeans import batched_kmeans
+
+    if len(embeddings) < num_classes:
+        raise ValueError(
+            f"only {len(embeddings)} masks to fit {num_classes} global classes: lower --num-classes or give more data"
+        )
+    x = torch.from_numpy(embeddings).to(device)
+    if normalize:
+        x = _normalize(x)
+    w = torch.from_numpy(weights).float().to(device)
+    best = None
+    for restart in range(n_init):
+        restart_seed = int(np.random.SeedSequence([int(seed), restart]).generate_state(1)[0])
+        result = batched_kmeans(
+            x.unsqueeze(0),
+            num_classes,
+            n_init=1,
+            max_iter=max_iter,
+            seeds=[restart_seed],
+            weights=w.unsqueeze(0),
+        )
+        inertia = float(result.inertia[0])
+        if best is None or inertia < best[1]:
+            best = (result.centroids[0], inertia)
+    centroids, inertia = best
+    return centroids.cpu().numpy().astype(np.float32), inertia
+
+
+def assign_masks(emb: np.ndarray, centroids: torch.Tensor, normalize: bool) -> np.ndarray:
+    """Nearest centroid (Euclidean, after optional L2 normalisation) of each mask embedding."""
+    if emb.ndim != 2 or emb.shape[1] != centroids.shape[1]:
+        raise ValueError(
+            f"mask embeddings of shape {tuple(emb.shape)} do not match the {tuple(centroids.shape)} centroids "
+            "(different feature layer or model?)"
+        )
+    x = torch.from_numpy(np.nan_to_num(emb.astype(np.float32))).to(centroids.device)
+    if normalize:
+        x = _normalize(x)
+    return torch.cdist(x, centroids).argmin(-1).cpu().numpy()
+
+
+def _overlay_jpeg(image: np.ndarray, labels: np.ndarray) -> bytes:
+    from emerdiff_pl.shardio import encode_jpeg
+    from emerdiff_pl.viz import overlay
+
+    return encode_jpeg(overlay(image, labels))
+
+
+def relabel_sample(
+    raw: dict[str, Any], centroids: torch.Tensor, normalize: bool, info: dict[str, Any]
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Rewrite one prediction sample with global ids; returns (sample, mapping K, class areas C)."""
+    key = raw["__key__"]
+    emb = decode_field(EMB_FIELD, raw[EMB_FIELD])
+    mapping = assign_masks(emb, centroids, normalize)
+    out: dict[str, Any] = {"__key__": key}
+    class_areas = np.zeros(len(centroids), dtype=np.int64)
+    for field, value in raw.items():
+        if field.startswith("__"):
+            continue
+        if field in (SEG_FIELD, LOWRES_FIELD):
+            labels = decode_field(field, value)
+            if labels.size and int(labels.max()) >= len(mapping):
+                raise ValueError(f"sample {key!r}: {field} holds id {int(labels.max())} ≥ K = {len(mapping)}")
+            relabelled = mapping[labels.astype(np.int64)]
+            out[field] = encode_label_png(relabelled)
+            if field == SEG_FIELD:
+                class_areas += np.bincount(relabelled.reshape(-1), minlength=len(centroids))
+        elif field == "json":
+            meta = decode_field(field, value)
+            meta["relabel"] = {**info, "mapping": mapping.tolist()}
+            out[field] = encode_json(meta)
+        elif field == "overlay.jpg":
+            image_field = next((f for f in ("jpg", "jpeg", "png") if f in raw), None)
+            if image_field is not None and SEG_FIELD in raw:
+                image = decode_field(image_field, raw[image_field])
+                seg = mapping[decode_field(SEG_FIELD, raw[SEG_FIELD]).astype(np.int64)]
+                if image.ndim == 3:
+                    out[field] = _overlay_jpeg(image, seg)
+            # without the image the stale per-image overlay is dropped
+        else:
+            out[field] = value  # copied byte for byte (emb.npy, jpg, …)
+    return out, mapping, class_areas
+
+
+def relabel_shard(
+    url: str,
+    target: str,
+    centroids: np.ndarray,
+    normalize: bool,
+    info: dict[str, Any],
+    device: str = "cpu",
+    progress: Callable[[int], Any] | None = None,
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Relabel every sample of one input shard into ``target`` (written atomically).
+
+    Returns (samples, pixels per global class, masks per global class). Runs in worker processes too.
+    """
+    num_classes = len(centroids)
+    centroids_t = torch.from_numpy(centroids).to(device)
+    class_areas = np.zeros(num_classes, dtype=np.int64)
+    used = np.zeros(num_classes, dtype=np.int64)
+    count = 0
+    with TarWriter(target) as writer:
+        for raw in iter_raw_samples(url):
+            if EMB_FIELD not in raw:
+                raise KeyError(
+                    f"sample {raw['__key__']!r} in {url} has no {EMB_FIELD!r}: not a prediction shard?"
+                )
+            sample, mapping, areas = relabel_sample(raw, centroids_t, normalize, info)
+            writer.write(sample)
+            class_areas += areas
+            used += np.bincount(mapping, minlength=num_classes)
+            count += 1
+            if progress is not None:
+                progress(1)
+    return count, class_areas, used
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="emerdiff-pl relabel",
+        description="Cluster the mask embeddings of a whole prediction dataset into C global classes (weighted "
+        "by mask area, seeded k-means) and rewrite every <key>.seg.png / <key>.lowres.png with global ids. "
+        "Output shards keep the input names and keys; DIR also gets centroids.npy and relabel.json.",
+    )
+    parser.add_argument(
+        "--input", required=True, help="prediction shards, e.g. 'preds/shard-{000000..000099}.tar'"
+    )
+    parser.add_argument("--output", required=True, help="output folder (shards, centroids.npy, relabel.json)")
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="number of global classes C (required unless --centroids)",
+    )
+    parser.add_argument(
+        "--centroids",
+        default=None,
+        help="apply saved centroids (a previous run's centroids.npy) instead of fitting new ones; the "
+        "normalisation of that run is read from the relabel.json beside it",
+    )
+    parser.add_argument(
+        "--max-fit-masks",
+        type=int,
+        default=100_000,
+        help="masks sampled (uniformly, seeded) to fit the centroids; all masks are assigned afterwards "
+        "(default 100000; memory ≈ 2·D bytes per mask)",
+    )
+    parser.add_argument(
+        "--n-init", type=int, default=4, help="k-means restarts, the lowest inertia wins (default 4)"
+    )
+    parser.add_argument(
+        "--max-iter", type=int, default=300, help="k-means iterations per restart (default 300)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the sub-sample and of k-means (default 0)"
+    )
+    parser.add_argument(
+        "--normalize",
+        action="store_true",
+        help="L2-normalise embeddings before clustering (cosine k-means); default: raw Euclidean, as per image",
+    )
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 …")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes that rewrite shards in parallel (one input shard each; PNG encoding is the cost of the "
+        "second pass). Default 1: in this process",
+    )
+    return parser
+
+
+def _load_centroids(path: str, num_classes: int | None, normalize: bool) -> tuple[np.ndarray, bool]:
+    """Centroids of a previous run and its normalisation (from the relabel.json beside them, if any)."""
+    centroids = np.load(path).astype(np.float32)
+    if centroids.ndim != 2:
+        raise ValueError(f"{path!r} must hold a C×D array, got shape {centroids.shape}")
+    if num_classes is not None and num_classes != len(centroids):
+        raise ValueError(f"--num-classes {num_classes} but {path!r} holds {len(centroids)} centroids")
+    meta_path = os.path.join(os.path.dirname(os.path.abspath(path)), "relabel.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            fitted_normalized = bool(json.load(f).get("normalize", False))
+        if normalize and not fitted_normalized:
+            raise ValueError(f"--normalize given, but the centroids of {meta_path} were fitted without it")
+        normalize = fitted_normalized
+    return centroids, normalize
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tqdm import tqdm
+
+    if args.centroids is None and args.num_classes is None:
+        print("error: give --num-classes C (or --centroids to apply a previous fit)", file=sys.stderr)
+        return 2
+    if args.num_classes is not None and not 1 <= args.num_classes <= 65535:
+        print(f"error: --num-classes must be in 1..65535, got {args.num_classes}", file=sys.stderr)
+        return 2
+    urls = expand_urls(args.input)
+    names = [os.path.basename(u) for u in urls]
+    if len(set(names)) != len(names):
+        raise ValueError(
+            "input shards share file names; output shards keep the input names, so they must be unique"
+        )
+    out_dir = os.path.abspath(args.output)
+    if out_dir in {os.path.dirname(os.path.abspath(u)) for u in urls}:
+        raise ValueError(f"--output {args.output!r} is the input folder; choose another folder")
+    os.makedirs(out_dir, exist_ok=True)
+    device = _pick_device(args.device)
+    started = time.time()
+
+    fit: dict[str, Any] = {}
+    if args.centroids is not None:
+        centroids_np, normalize = _load_centroids(args.centroids, args.num_classes, args.normalize)
+        fit["from_centroids"] = os.path.abspath(args.centroids)
+    else:
+        normalize = args.normalize
+        reservoir = MaskReservoir(args.max_fit_masks, args.seed)
+        images = 0
+        for _, emb, areas in tqdm(iter_mask_embeddings(urls), desc="relabel: sample masks", unit="img"):
+            reservoir.add(emb, areas)
+            images += 1
+        x, w = reservoir.arrays()
+        print(f"fitting {args.num_classes} classes on {len(x)} of {reservoir.seen} masks ({images} images)")
+        centroids_np, inertia = fit_centroids(
+            x, w, args.num_classes, seed=args.seed, n_init=args.n_init, max_iter=args.max_iter,
+            normalize=normalize, device=device,
+        )  # fmt: skip
+        fit.update(
+            seed=args.seed,
+            fit_masks=len(x),
+            total_masks=reservoir.seen,
+            inertia=inertia,
+            n_init=args.n_init,
+            max_iter=args.max_iter,
+            max_fit_masks=args.max_fit_masks,
+        )
+    num_classes = len(centroids_np)
+    centroids_path = os.path.join(out_dir, "centroids.npy")
+    if args.centroids is None or os.path.abspath(args.centroids) != centroids_path:
+        np.save(centroids_path, centroids_np)
+    info = {"num_classes": num_classes, "centroids": centroids_path, "normalize": normalize}
+
+    jobs = [(url, os.path.join(out_dir, os.path.basename(url))) for url in urls]
+    class_areas = np.zeros(num_classes, dtype=np.int64)
+    used = np.zeros(num_classes, dtype=np.int64)
+    count = 0
+    if args.workers <= 1:
+        bar = tqdm(desc="relabel: write", unit="img")
+        for url, target in jobs:
+            n, areas, masks = relabel_shard(
+                url, target, centroids_np, normalize, info, str(device), bar.update
+            )
+            count, class_areas, used = count + n, class_areas + areas, used + masks
+        bar.close()
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")  # no fork of a process holding torch / CUDA state
+        with ProcessPoolExecutor(
+            args.workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)
+        ) as pool:
+            futures = [
+                pool.submit(relabel_shard, url, target, centroids_np, normalize, info, str(device))
+                for url, target in jobs
+            ]
+            for future in tqdm(futures, desc="relabel: write", unit="shard"):
+                n, areas, masks = future.result()
+                count, class_areas, used = count + n, class_areas + areas, used + masks
+    written = [target for _, target in jobs]
+    report = {
+        **info,
+        **fit,
+        "input": args.input,
+        "input_shards": urls,
+        "output_shards": [os.path.basename(p) for p in written],
+        "images": count,
+        "embedding_dim": int(centroids_np.shape[1]),
+        "masks_per_class": used.tolist(),
+        "pixels_per_class": class_areas.tolist(),
+        "seconds": round(time.time() - started, 2),
+        "torch": torch.__version__,
+    }
+    with open(os.path.join(out_dir, "relabel.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    empty = [c for c in range(num_classes) if used[c] == 0]
+    if empty:
+        print(f"warning: {len(empty)} global class(es) received no mask: {empty[:10]}", file=sys.stderr)
+    print(f"relabelled {count} images into {num_classes} classes: {len(written)} shard(s) in {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

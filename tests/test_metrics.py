@@ -1,0 +1,268 @@
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchmetrics.utilities.data import dim_zero_sum
+
+from emerdiff_pl.metrics import (
+    GlobalHungarianIoU,
+    PerImageHungarianIoU,
+    hungarian_miou,
+    main,
+    per_image_matches,
+    short_side_center_crop,
+)
+from emerdiff_pl.shardio import TarWriter
+
+
+def _t(a):
+    return torch.as_tensor(np.asarray(a), dtype=torch.long)
+
+
+def _global(pred, target, num_classes, num_clusters=None, ignore_index=255):
+    m = GlobalHungarianIoU(num_classes, num_clusters, ignore_index=ignore_index)
+    m.update(_t(pred), _t(target))
+    return m.compute()
+
+
+TARGET = np.array(
+    [
+        [0, 0, 0, 1],
+        [0, 0, 1, 1],
+        [2, 2, 1, 1],
+    ]
+)  # class 0: 5 px, class 1: 5 px, class 2: 2 px
+
+
+def test_perfect_prediction_with_permuted_ids_scores_100():
+    perm = np.array([7, 2, 4])  # class c predicted as cluster perm[c]
+    out = _global(perm[TARGET], TARGET, num_classes=3, num_clusters=8)
+    assert float(out["miou"]) == pytest.approx(100.0)
+    assert float(out["pixel_accuracy"]) == pytest.approx(100.0)
+    assert out["assignment"][7] == 0 and out["assignment"][2] == 1 and out["assignment"][4] == 2
+    per_image = PerImageHungarianIoU(3)
+    per_image.update(_t(perm[TARGET]), _t(TARGET))
+    assert float(per_image.compute()["miou"]) == pytest.approx(100.0)
+
+
+def test_all_one_cluster_prediction_scores_the_largest_class_only():
+    target = np.array([[0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 2, 2]])  # 6 / 4 / 2 px
+    out = _global(np.zeros_like(target), target, num_classes=3, num_clusters=1)
+    # cluster 0 ↔ class 0: IoU0 = 6 / 12; classes 1 and 2 get no cluster: IoU 0.
+    assert out["per_class_iou"].tolist() == pytest.approx([50.0, 0.0, 0.0])
+    assert float(out["miou"]) == pytest.approx(50.0 / 3)
+    assert float(out["pixel_accuracy"]) == pytest.approx(50.0)
+    assert out["assignment"].reshape(-1).tolist() == [0]  # torchmetrics returns one-element tensors 0-d
+
+
+def test_ignore_pixels_are_not_counted():
+    target = np.array([[0, 0, 255, 1], [0, 255, 1, 1]])
+    pred = np.array([[3, 3, 1, 1], [3, 0, 1, 1]])  # wrong only on ignored pixels
+    out = _global(pred, target, num_classes=2, num_clusters=4)
+    assert float(out["miou"]) == pytest.approx(100.0)
+    assert int(out["confusion"].sum()) == 6
+    ignore_zero = _global(np.array([[1, 0]]), np.array([[0, 1]]), num_classes=2, ignore_index=0)
+    assert int(ignore_zero["confusion"].sum()) == 1  # only the pixel whose target is not 0
+
+
+def test_missing_classes_are_nan_and_left_out_of_the_mean():
+    target = np.array([[0, 0, 1, 1]])
+    pred = np.array([[0, 0, 1, 0]])
+    out = _global(pred, target, num_classes=4, num_clusters=4)
+    iou = out["per_class_iou"].tolist()
+    # class 0: TP 2, FP 1 → 2/3; class 1: TP 1, FN 1 → 1/2; classes 2, 3 absent.
+    assert iou[0] == pytest.approx(200 / 3) and iou[1] == pytest.approx(50.0)
+    assert math.isnan(iou[2]) and math.isnan(iou[3])
+    assert float(out["miou"]) == pytest.approx((200 / 3 + 50) / 2)
+
+
+def test_unmatched_extra_clusters_count_as_wrong_pixels():
+    # class 0: 8 px split into cluster 0 (6 px) and cluster 2 (2 px); class 1: 4 px in cluster 1.
+    target = np.array([[0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1]])
+    pred = np.array([[0, 0, 0, 0, 0, 0], [2, 2, 1, 1, 1, 1]])
+    out = _global(pred, target, num_classes=2, num_clusters=3)
+    assert out["assignment"].tolist() == [0, 1, -1]
+    assert out["per_class_iou"].tolist() == pytest.approx(
+        [75.0, 100.0]
+    )  # cluster 2's pixels are FN of class 0
+    assert float(out["miou"]) == pytest.approx(87.5)
+    assert float(out["pixel_accuracy"]) == pytest.approx(100 * 10 / 12)
+
+
+def test_fewer_clusters_than_classes_leave_classes_at_zero():
+    target = np.array([[0, 0, 0, 0, 0, 1], [1, 1, 2, 2, 2, 2]])  # 5 / 3 / 4 px
+    pred = np.array([[0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1]])
+    out = _global(pred, target, num_classes=3, num_clusters=2)
+    assert out["per_class_iou"].tolist() == pytest.approx([62.5, 0.0, 100.0])
+    assert float(out["pixel_accuracy"]) == pytest.approx(75.0)
+
+
+def test_out_of_range_ids_raise_clear_errors():
+    m = GlobalHungarianIoU(2, 2)
+    with pytest.raises(ValueError, match="num_clusters"):
+        m.update(_t([[0, 5]]), _t([[0, 1]]))
+    with pytest.raises(ValueError, match="ground-truth id 7"):
+        m.update(_t([[0, 1]]), _t([[0, 7]]))
+    with pytest.raises(ValueError, match="same shape"):
+        m.update(_t([[0, 1]]), _t([[0, 1, 1]]))
+
+
+def test_per_image_protocol_hand_example():
+    # image 1: segments 5 {c0: 3}, 7 {c0: 1, c1: 2}, 9 {c1: 2}. Best IoU matching: 5→c0 (3/4), 9→c1 (2/4);
+    # segment 7 is unmatched: its pixels are FN of c0 and c1, never FP.
+    t1, p1 = np.array([[0, 0, 0, 0, 1, 1, 1, 1]]), np.array([[5, 5, 5, 7, 7, 7, 9, 9]])
+    # image 2 (two ignored pixels): segments 0 {c1: 2}, 1 {c1: 2, c2: 2}; matching 0→c1, 1→c2.
+    t2, p2 = np.array([[1, 1, 1, 1, 255, 255, 2, 2]]), np.array([[0, 0, 1, 1, 1, 1, 1, 1]])
+    m = PerImageHungarianIoU(num_classes=4)
+    m.update(_t(p1), _t(t1))
+    m.update(_t(np.stack([p2])), _t(np.stack([t2])))  # batched input
+    out = m.compute()
+    assert out["tp"].tolist() == [3, 4, 2, 0]
+    assert out["fp"].tolist() == [0, 0, 2, 0]
+    assert out["fn"].tolist() == [1, 4, 0, 0]
+    iou = out["per_class_iou"].tolist()
+    assert iou[:3] == pytest.approx([75.0, 50.0, 50.0]) and math.isnan(iou[3])
+    assert float(out["miou"]) == pytest.approx(175 / 3)
+    assert float(out["pixel_accuracy"]) == pytest.approx(100 * 9 / 14)
+
+
+def test_per_image_pairs_without_overlap_are_not_matches():
+    # segment 4 {c0: 3, c1: 1}, segment 5 {c0: 1}; the assignment pairs 5 with c1 (zero overlap): not a match.
+    tp, fp, fn, pixels = per_image_matches(
+        np.array([4, 4, 4, 5, 4]), np.array([0, 0, 0, 0, 1]), num_classes=2
+    )
+    assert tp.tolist() == [3, 0] and fp.tolist() == [1, 0] and fn.tolist() == [1, 1] and pixels == 5
+
+
+def test_per_image_is_more_lenient_than_global_on_inconsistent_ids():
+    # each image is perfect on its own, but cluster ids mean different classes in each image
+    t = np.array([[0, 0, 1, 1]])
+    preds, targets = [np.array([[0, 0, 1, 1]]), np.array([[1, 1, 0, 0]])], [t, t]
+    assert hungarian_miou(preds, targets, 2, protocol="per-image")["miou"] == pytest.approx(100.0)
+    assert hungarian_miou(preds, targets, 2, protocol="global")["miou"] == pytest.approx(100 / 3)
+
+
+def test_metric_states_are_summed_across_processes():
+    rng = np.random.default_rng(0)
+    targets = [rng.integers(0, 3, (5, 7)) for _ in range(4)]
+    preds = [rng.integers(0, 4, (5, 7)) for _ in range(4)]
+    for make in (lambda: GlobalHungarianIoU(3, 4), lambda: PerImageHungarianIoU(3)):
+        whole, rank0, rank1 = make(), make(), make()
+        assert all(fx is dim_zero_sum for fx in whole._reductions.values())
+        for i, (p, t) in enumerate(zip(preds, targets, strict=True)):
+            whole.update(_t(p), _t(t))
+            (rank0 if i % 2 else rank1).update(_t(p), _t(t))
+        rank0.merge_state(rank1)
+        a, b = whole.compute(), rank0.compute()
+        assert float(a["miou"]) == pytest.approx(float(b["miou"]))
+        assert torch.equal(a["per_class_iou"].nan_to_num(-1), b["per_class_iou"].nan_to_num(-1))
+
+
+def test_hungarian_miou_resizes_predictions_to_the_target():
+    target = np.array([[0, 0, 1, 1], [0, 0, 1, 1]])
+    small = np.array([[3, 1]])  # 1×2 → 2×4 nearest
+    out = hungarian_miou([small], [target], num_classes=2)
+    assert out["miou"] == pytest.approx(100.0) and out["confusion"].shape == (4, 2)
+
+
+def _write(path, samples):
+    with TarWriter(path) as sink:
+        for s in samples:
+            sink.write(s)
+
+
+def test_evaluate_cli_matches_by_key_and_reports_unmatched(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    gts = {k: rng.integers(0, 3, (8, 10)).astype(np.uint8) for k in "abcd"}
+    gts["b"][0, :] = 255
+    perm = np.array([2, 0, 1])
+    preds = {k: perm[gts[k] % 255 % 3].astype(np.uint8) for k in "abd"}
+    preds["d"][:4] = 0  # some errors
+    preds["a"] = preds["a"][::2, ::2]  # half size: resized with nearest to the GT
+    preds["e"] = np.zeros((8, 10), np.uint8)  # no ground truth
+    _write(tmp_path / "gt-000000.tar", [{"__key__": k, "gt.png": gts[k]} for k in "abcd"])
+    meta = {"relabel": {"num_classes": 3}}
+    _write(tmp_path / "pred-000000.tar", [{"__key__": k, "seg.png": preds[k], "json": meta} for k in "dbae"])
+
+    out = tmp_path / "eval"
+    args = ["--pred", str(tmp_path / "pred-000000.tar"), "--gt", str(tmp_path / "gt-000000.tar")]
+    assert main([*args, "--num-classes", "3", "--protocol", "both", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    from emerdiff_pl.shardio import resize_labels_nearest
+
+    expected = hungarian_miou(
+        [resize_labels_nearest(preds[k], gts[k].shape) for k in "dba"], [gts[k] for k in "dba"], 3, 3
+    )
+    assert report["images_evaluated"] == 3
+    assert report["predictions_resized_to_gt"] == 1
+    assert report["keys"]["pred_only"] == 1 and report["keys"]["examples_pred_only"] == ["e"]
+    assert report["keys"]["gt_only"] == 1 and report["keys"]["examples_gt_only"] == ["c"]
+    assert report["global"]["num_clusters"] == 3  # from the relabel info of the prediction JSON
+    assert report["global"]["miou"] == pytest.approx(expected["miou"])
+    assert report["global"]["pixel_accuracy"] == pytest.approx(expected["pixel_accuracy"])
+    assert report["per_image"]["miou"] >= report["global"]["miou"] - 1e-9
+    assert Image.open(out / "confusion.png").size[0] > 100
+    assert "mIoU" in (out / "table.txt").read_text()
+    err = capsys.readouterr().err
+    assert "predictions only" in err and "ground truth only" in err
+
+
+def test_evaluate_cli_fails_clearly_when_no_key_matches(tmp_path):
+    _write(tmp_path / "gt.tar", [{"__key__": "x", "gt.png": np.zeros((2, 2), np.uint8)}])
+    _write(tmp_path / "pred.tar", [{"__key__": "y", "seg.png": np.zeros((2, 2), np.uint8)}])
+    with pytest.raises(ValueError, match="same images"):
+        main(["--pred", str(tmp_path / "pred.tar"), "--gt", str(tmp_path / "gt.tar"), "--num-classes", "2",
+              "--out", str(tmp_path / "o")])  # fmt: skip
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_path: str, preds: list, targets: list) -> None:
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        metrics = [GlobalHungarianIoU(3, 4), PerImageHungarianIoU(3)]
+        for i in range(rank, len(preds), world):  # each rank sees a different share of the images
+            for m in metrics:
+                m.update(_t(preds[i]), _t(targets[i]))
+        results = [m.compute() for m in metrics]  # torchmetrics syncs the summed states here
+        if rank == 0:
+            torch.save(results, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_metrics_agree_between_two_ddp_processes_and_one(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    rng = np.random.default_rng(3)
+    targets = [rng.integers(0, 3, (6, 9)) for _ in range(5)]
+    preds = [rng.integers(0, 4, (6, 9)) for _ in range(5)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out_path = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_worker, args=(2, port, out_path, preds, targets), nprocs=2, join=True)
+    ddp_global, ddp_per_image = torch.load(out_path)
+    single_global = hungarian_miou(preds, targets, 3, 4)
+    single_per_image = hungarian_miou(preds, targets, 3, protocol="per-image")
+    assert torch.equal(ddp_global["confusion"], torch.from_numpy(single_global["confusion"]))
+    assert float(ddp_global["miou"]) == pytest.approx(single_global["miou"])
+    assert ddp_per_image["tp"].tolist() == single_per_image["tp"].tolist()
+    assert float(ddp_per_image["miou"]) == pytest.approx(single_per_image["miou"])
+
+
+def test_short_side_center_crop_gives_stegos_square_view():
+    labels = np.zeros((40, 80), np.uint8)
+    labels[:, 40:] = 1
+    labels[:, :10] = 2  # left margin: cropped away
+    view = short_side_center_crop(labels, 20)
+    assert view.shape == (20, 20)
+    assert set(np.unique(view)) == {0, 1} and (view[:, :10] == 0).all() and (view[:, 10:] == 1).all()

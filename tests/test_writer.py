@@ -1,0 +1,174 @@
+"""PseudoLabelWriter: shard contents, atomic naming, manifests, failures, resume, merging (in-process, fake model)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+from conftest import MIXED_MAX_PIXELS, ColourQuantizer, make_shards, read_output
+
+from emerdiff_pl.data import EmerDiffDataModule
+from emerdiff_pl.writer import SHARD_PATTERN, PseudoLabelWriter, finished_keys, merge, merge_main
+
+
+def predict(
+    output_dir: Path,
+    model: ColourQuantizer | None = None,
+    *,
+    samples_per_shard: int = 500,
+    overlay: bool = False,
+    **data,
+) -> PseudoLabelWriter:
+    data = {"resolution": 32, "batch_size": 2, "num_workers": 0, **data}
+    writer = PseudoLabelWriter(str(output_dir), samples_per_shard=samples_per_shard, overlay=overlay)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, callbacks=[writer]
+    )
+    trainer.predict(
+        model or ColourQuantizer(), datamodule=EmerDiffDataModule(**data), return_predictions=False
+    )
+    return writer
+
+
+def test_every_good_key_is_written_once_with_labels_at_original_size(tmp_path: Path, mixed_shards: dict):
+    out = tmp_path / "out"
+    predict(out, ColourQuantizer(num_masks=5, seed=7), urls=mixed_shards["urls"], max_pixels=MIXED_MAX_PIXELS)
+    result = read_output(out)
+    assert sorted(result["keys"]) == sorted(mixed_shards["good"])
+    for sample in result["samples"]:
+        key = sample["__key__"]
+        assert sample["seg.png"].shape == mixed_shards["good"][key] and sample["seg.png"].dtype == np.uint8
+        assert sample["seg.png"].max() < 5
+        assert sample["lowres.png"].shape == (4, 4)  # 32 / 8
+        assert sample["emb.npy"].shape == (5, 3) and sample["emb.npy"].dtype == np.float16
+        meta = sample["json"]
+        assert meta["original_size"] == list(mixed_shards["good"][key])
+        assert meta["hparams"]["num_masks"] == 5 and meta["seed"] == 7 and meta["model"] == "colour-quantizer"
+        assert meta["versions"]["colour-quantizer"] == "1" and "torch" in meta["versions"]
+        assert meta["url"].endswith(".tar") and meta["output"]["shard"] in {s.name for s in result["shards"]}
+    failed = {f["key"]: f for f in result["failures"]}
+    assert set(failed) == set(mixed_shards["bad"]) | {"lost_a"}
+    assert all(f["reason"] and f["url"] for f in failed.values())
+    (summary,) = result["summaries"]
+    assert summary["status"] == "finished"
+    assert (summary["done"], summary["skipped"], summary["failed"]) == (
+        len(mixed_shards["good"]),
+        0,
+        len(failed),
+    )
+    assert sorted(k for m in result["manifests"] for k in m["keys"]) == sorted(result["keys"])
+    assert result["temp"] == []
+
+
+def test_shards_roll_over_and_names_never_collide(tmp_path: Path):
+    keys = make_shards(tmp_path / "in", num_shards=1, per_shard=11, size=8)
+    out = tmp_path / "out"
+    writer = predict(out, urls=str(tmp_path / "in" / "in-000000.tar"), samples_per_shard=4)
+    result = read_output(out)
+    assert [m["count"] for m in result["manifests"]] == [4, 4, 3]
+    assert all(SHARD_PATTERN.match(s.name) for s in result["shards"])
+    assert all(s.name.startswith(f"a0000of0001-r000of001-{writer.run_id}-") for s in result["shards"])
+    assert result["keys"] == keys
+    again = predict(
+        out, urls=str(tmp_path / "in" / "in-000000.tar"), samples_per_shard=4
+    )  # a rerun: nothing to do
+    assert again.run_id != writer.run_id and (again.done, again.skipped) == (0, 11)
+    assert read_output(out)["keys"] == keys
+
+
+def test_interrupted_run_keeps_complete_samples_and_rerun_finishes(tmp_path: Path):
+    keys = make_shards(tmp_path / "in", num_shards=2, per_shard=7, size=8)
+    out = tmp_path / "out"
+    urls = str(tmp_path / "in" / "in-{000000..000001}.tar")
+    with pytest.raises(RuntimeError, match="planned failure"):
+        predict(out, ColourQuantizer(fail_at_batch=3), urls=urls, samples_per_shard=4)
+    first = read_output(out)
+    assert (
+        first["keys"] == keys[:6]
+    )  # batches 0-2 were written; the open shard was committed on the exception
+    assert first["summaries"][0]["status"].startswith("interrupted") and first["temp"] == []
+    writer = predict(out, urls=urls, samples_per_shard=4)
+    assert (writer.done, writer.skipped) == (8, 6)
+    final = read_output(out)
+    assert sorted(final["keys"]) == sorted(keys) and len(final["keys"]) == len(set(final["keys"]))
+
+
+def test_finished_shard_without_manifest_line_still_counts_as_done(tmp_path: Path):
+    keys = make_shards(tmp_path / "in", num_shards=1, per_shard=5, size=8)
+    out = tmp_path / "out"
+    predict(out, urls=str(tmp_path / "in" / "in-000000.tar"), samples_per_shard=2)
+    for manifest in out.glob("manifest-*.jsonl"):  # as if killed between the rename and the manifest write
+        manifest.unlink()
+    assert finished_keys(out) == set(keys)
+    assert predict(out, urls=str(tmp_path / "in" / "in-000000.tar")).done == 0
+
+
+def test_stale_temp_files_of_this_task_are_removed_and_others_kept(tmp_path: Path):
+    make_shards(tmp_path / "in", num_shards=1, per_shard=2, size=8)
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / ".a0000of0001-r000of001-20200101T000000Z-abcdef-000003.tar.tmp"
+    other = out / ".a0001of0002-r000of001-20200101T000000Z-abcdef-000000.tar.tmp"
+    mine.write_bytes(b"half a shard")
+    other.write_bytes(b"another task is writing this")
+    predict(out, urls=str(tmp_path / "in" / "in-000000.tar"))
+    assert not mine.exists() and other.exists()
+
+
+def test_overlay_is_written_when_enabled(tmp_path: Path, image_folder: dict):
+    out = tmp_path / "out"
+    predict(out, folder=str(image_folder["root"]), overlay=True)
+    samples = read_output(out)["samples"]
+    assert len(samples) == len(image_folder["sizes"])
+    for sample in samples:
+        assert sample["overlay.jpg"].shape == (*sample["seg.png"].shape, 3)
+        assert sample["json"]["url"].startswith(str(image_folder["root"]))
+
+
+def test_merge_manifests_lists_unfinished_tasks_and_unresolved_failures(tmp_path: Path, mixed_shards: dict):
+    out = tmp_path / "out"
+    predict(out, urls=mixed_shards["urls"], max_pixels=MIXED_MAX_PIXELS, array_index=0, array_count=2)
+    summary = merge(out)
+    assert summary["unfinished_array_tasks"] == [1] and summary["duplicate_keys"] == {}
+    merged = [json.loads(line) for line in (out / "manifest.jsonl").open()]
+    assert sum(m["count"] for m in merged) == summary["samples"] == len(read_output(out)["keys"])
+    predict(out, urls=mixed_shards["urls"], max_pixels=MIXED_MAX_PIXELS, array_index=1, array_count=2)
+    predict(
+        out, urls=mixed_shards["urls"], max_pixels=MIXED_MAX_PIXELS, array_index=1, array_count=2
+    )  # rerun
+    summary = merge(out)
+    assert summary["unfinished_array_tasks"] == [] and summary["samples"] == len(mixed_shards["good"])
+    failures = [json.loads(line) for line in (out / "failures.jsonl").open()]
+    assert sorted(f["key"] for f in failures) == sorted([*mixed_shards["bad"], "lost_a"])  # deduplicated
+    shard = sorted(out.glob("*.tar"))[0]
+    shutil.copy(shard, out / shard.name.replace("-000000.tar", "-000099.tar"))
+    assert merge_main([str(out)]) == 1  # a key in two shards is an error
+
+
+class _SigtermAfterBatch(pl.Callback):
+    """Plays SLURM preemption: flags SIGTERM the way Lightning's signal handler does, after one batch."""
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 1:
+            trainer._signal_connector.received_sigterm = True
+
+
+def test_sigterm_closes_the_open_shard_and_exits(tmp_path: Path):
+    keys = make_shards(tmp_path / "in", num_shards=1, per_shard=10, size=8)
+    out = tmp_path / "out"
+    writer = PseudoLabelWriter(str(out), samples_per_shard=50)
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[writer, _SigtermAfterBatch()]
+    )
+    data = EmerDiffDataModule(
+        urls=str(tmp_path / "in" / "in-000000.tar"), resolution=32, batch_size=2, num_workers=0
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.predict(ColourQuantizer(), datamodule=data, return_predictions=False)
+    assert exit_info.value.code == 143
+    stopped = read_output(out)
+    assert stopped["keys"] == keys[:6] and stopped["temp"] == []  # batches 0-2, committed although not full
+    assert stopped["summaries"][0]["status"].startswith("interrupted")
+    assert predict(out, urls=str(tmp_path / "in" / "in-000000.tar")).done == 4
