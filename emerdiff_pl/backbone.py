@@ -18,6 +18,7 @@ from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 TINY_RANDOM = "tiny-random"
+SD14_ARCH = "sd14-arch"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _SHIPPED_MODELS = Path(__file__).parent / "assets"
 
@@ -129,6 +130,26 @@ def tiny_random_components(seed: int = 0) -> dict:
     }
 
 
+def sd14_arch_components(seed: int = 0) -> dict:
+    """The full SD 1.x U-Net and VAE architecture with random weights: the FLOPs and memory of the real model,
+    no download. For throughput benchmarks only (the text encoder is one CLIP-L-width layer: it runs once)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(_tiny_vocab()), hidden_size=768, intermediate_size=3072, num_hidden_layers=1,
+                num_attention_heads=12, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+            )
+        )
+    parts = tiny_random_components()
+    return {**parts, "unet": unet, "vae": vae, "text_encoder": text_encoder}
+
+
 def _tiny_vocab() -> dict[str, int]:
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in "abcdefghijklmnopqrstuvwxyz":
@@ -180,14 +201,16 @@ def load_backbone(pretrained: str, dtype: torch.dtype = torch.float32) -> Backbo
     """Load the frozen SD components (eval mode, no grad) in `dtype` on the CPU."""
     if pretrained == TINY_RANDOM:
         parts = tiny_random_components()
+    elif pretrained == SD14_ARCH:
+        parts = sd14_arch_components()
     else:
         local = _resolve_local(pretrained)
         source = str(local) if local is not None else pretrained
         try:
             parts = {
-                "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet"),
-                "vae": AutoencoderKL.from_pretrained(source, subfolder="vae"),
-                "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
+                "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype),
+                "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype),
+                "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype),
                 "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
                 "scheduler": DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
             }
@@ -202,8 +225,10 @@ def load_backbone(pretrained: str, dtype: torch.dtype = torch.float32) -> Backbo
             ) from err
     parts["scheduler"] = ddpm_scheduler(dict(parts["scheduler"].config))
     for name in ("unet", "vae", "text_encoder"):
-        parts[name].requires_grad_(False).eval().to(dtype=dtype)
+        parts[name].requires_grad_(False).eval()
+        if parts[name].dtype != dtype:
+            parts[name].to(dtype=dtype)
     return Backbone(source=pretrained, **parts)
 
 
-__all__ = ["Backbone", "TINY_RANDOM", "load_backbone", "ddpm_scheduler", "tiny_random_components"]
+__all__ = ["Backbone", "SD14_ARCH", "TINY_RANDOM", "load_backbone", "ddpm_scheduler", "tiny_random_components"]

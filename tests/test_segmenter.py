@@ -84,27 +84,29 @@ def test_unmodulated_run_reproduces_trajectory(model, prediction_type, processor
 
 
 def test_zero_strength_makes_every_difference_map_zero(model):
-    trajectory, features = _trajectory(model, smooth_images(2))
-    lowres, _ = model._lowres_masks(features, [0, 0], tuple(trajectory.latents.shape[-2:]))
+    trajectory, features = _trajectory(model, smooth_images(1))
+    lowres, _ = model._lowres_masks(features, [0], tuple(trajectory.latents.shape[-2:]))
     model.hparams.modulation_strength = 0.0
     try:
         maps = model._difference_maps(trajectory, lowres)
     finally:
         model.hparams.modulation_strength = FAST.get("modulation_strength", 10.0)
-    assert maps.shape == (2, 4, 64, 64)
+    assert maps.shape == (1, 4, 64, 64)
     assert maps.abs().max().item() < 1e-5
     # and with λ = 10 they are not
-    trajectory, _ = _trajectory(model, smooth_images(2))
+    trajectory, _ = _trajectory(model, smooth_images(1))
     assert model._difference_maps(trajectory, lowres).abs().mean().item() > 1e-3
 
 
 def test_vectorized_path_equals_per_mask_per_sign_loop():
+    # the fast path runs both images in one batch of branch rows; the naive loop runs the second image alone,
+    # so a wrong row → image mapping in the fast path shows up as a mismatch
     model = EmerDiffSegmenter(**{**FAST, "num_masks": 3})
     images = smooth_images(2, seed=1)
     fast = model.segment(images)
-    naive = model.segment(images, naive=True)
-    assert torch.equal(fast.lowres_labels, naive.lowres_labels)
-    assert torch.equal(fast.labels, naive.labels)
+    naive = model.segment(images[1:], naive=True)
+    assert torch.equal(fast.lowres_labels[1], naive.lowres_labels[0])
+    assert torch.equal(fast.labels[1], naive.labels[0])
 
 
 def test_injection_from_cached_qk_equals_explicit_probabilities(model):
@@ -223,3 +225,21 @@ def test_one_sided_difference_uses_the_reference_decode(model):
 
 def test_auto_dtype_is_float32_on_cpu(model):
     assert model.compute_dtype() == torch.float32 and model.unet.dtype == torch.float32
+
+
+def test_out_of_memory_halves_the_chunk_and_keeps_the_labels(model, monkeypatch):
+    images = smooth_images(1, seed=9)
+    expected = model.segment(images)
+    real_denoise, sizes = model._denoise, []
+
+    def denoise_with_a_small_gpu(trajectory, image, modulation, emb, path=None):
+        sizes.append(len(image))
+        if len(image) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_denoise(trajectory, image, modulation, emb, path)
+
+    monkeypatch.setattr(model, "_denoise", denoise_with_a_small_gpu)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    result = model.segment(images)
+    assert sizes[0] == 8 and sizes[1] == 4 and set(sizes[2:]) == {2}
+    assert torch.equal(result.labels, expected.labels)

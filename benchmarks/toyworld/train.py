@@ -306,18 +306,26 @@ def train_unet(args, work: Path, latent_mean, latent_std, scale, cond, export_fn
         log(f"checkpoint at step {step}{' (final)' if final else ''}")
 
     while time.time() - t0 < budget:
-        idx = torch.randint(0, len(latent_mean), (args.unet_batch,), generator=rng)
-        x0 = (latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=rng)) * scale
-        flip = torch.rand(args.unet_batch, generator=rng) < 0.5
+        # Most steps see random latent crops (a quarter of the attention tokens, far cheaper on a CPU), the rest
+        # whole latents, so the 8×8 level and the full-length attention are trained too.
+        side = latent_mean.shape[-1]
+        crop = args.unet_crop if float(torch.rand((), generator=rng)) >= args.unet_full_fraction else side
+        batch = args.unet_batch if crop < side else max(1, args.unet_batch // 4)
+        idx = torch.randint(0, len(latent_mean), (batch,), generator=rng)
+        oy, ox = (int(v) for v in torch.randint(0, side - crop + 1, (2,), generator=rng))
+        mean = latent_mean[idx, :, oy : oy + crop, ox : ox + crop]
+        std = latent_std[idx, :, oy : oy + crop, ox : ox + crop]
+        x0 = (mean + std * torch.randn(mean.shape, generator=rng)) * scale
+        flip = torch.rand(batch, generator=rng) < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        t = torch.randint(0, 1000, (args.unet_batch,), generator=rng)
+        t = torch.randint(0, 1000, (batch,), generator=rng)
         noise = torch.randn(x0.shape, generator=rng)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         lr = args.unet_lr * min(1.0, (step + 1) / 50)
         for g in opt.param_groups:
             g["lr"] = lr
-        pred = unet(xt, t, encoder_hidden_states=cond.expand(args.unet_batch, -1, -1)).sample
+        pred = unet(xt, t, encoder_hidden_states=cond.expand(batch, -1, -1)).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -461,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-crop", type=int, default=32, help="VAE training crop side in pixels")
     p.add_argument("--unet-batch", type=int, default=16)
+    p.add_argument("--unet-crop", type=int, default=16, help="latent crop side for most U-Net steps")
+    p.add_argument("--unet-full-fraction", type=float, default=0.2, help="share of steps on whole latents")
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-4)

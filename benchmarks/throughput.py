@@ -1,0 +1,193 @@
+"""Throughput of EmerDiff: the naive reference path against the default (vectorized) path, side by side.
+
+    python benchmarks/throughput.py --quick                 # CPU, tiny-random, about a minute
+    python benchmarks/throughput.py --model sd14-arch       # GPU: full SD 1.x architecture, random weights
+
+Both paths label the same images; the script checks that their labels agree and reports, for each: images/s,
+U-Net calls/s (and branch rows per second), peak memory (RSS on CPU, torch.cuda.max_memory_allocated on GPU),
+FLOPs per image (torch.utils.flop_counter), and on CUDA the achieved TFLOP/s against a bf16 matmul peak
+measured in the same run. The last line is `speedup: <default over naive images/s>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import psutil
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from emerdiff_pl import EmerDiffSegmenter
+
+
+@dataclass
+class PathResult:
+    name: str
+    seconds: float
+    images_per_s: float
+    unet_calls_per_s: float
+    unet_rows_per_s: float
+    peak_memory_gb: float
+    flops_per_image: float
+    tflops_per_s: float
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 5 ms)."""
+
+    def __enter__(self):
+        self.peak, self._stop = psutil.Process().memory_info().rss, False
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        process = psutil.Process()
+        while not self._stop:
+            self.peak = max(self.peak, process.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._thread.join()
+
+
+def count_unet_calls(model: EmerDiffSegmenter) -> dict[str, int]:
+    counts = {"calls": 0, "rows": 0}
+
+    def hook(_module, args, kwargs):
+        counts["calls"] += 1
+        counts["rows"] += (args[0] if args else kwargs["sample"]).shape[0]
+
+    model.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    return counts
+
+
+def synthetic_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.rand(n, 3, 6, 6, generator=g), size=size, mode="bilinear", align_corners=False)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bf16_matmul_peak(device: torch.device, n: int = 8192, repeats: int = 20) -> float:
+    """Achievable dense bf16 TFLOP/s of this device, from a large matmul."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def flops_per_image(model: EmerDiffSegmenter, image: torch.Tensor, naive: bool) -> float:
+    with FlopCounterMode(display=False) as counter:
+        model.segment(image, naive=naive)
+    return float(counter.get_total_flops())
+
+
+def run_path(model: EmerDiffSegmenter, images: torch.Tensor, naive: bool, batch: int, flops: float):
+    device = model.device
+    counts = count_unet_calls(model)
+    labels = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with PeakRSS() as rss:
+        sync(device)
+        start = time.perf_counter()
+        for chunk in images.split(1 if naive else batch):
+            labels.append(model.segment(chunk, naive=naive).labels)
+        sync(device)
+        seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
+    n = len(images)
+    result = PathResult(
+        name="naive" if naive else "default", seconds=seconds, images_per_s=n / seconds,
+        unet_calls_per_s=counts["calls"] / seconds, unet_rows_per_s=counts["rows"] / seconds,
+        peak_memory_gb=peak / 1e9, flops_per_image=flops, tflops_per_s=flops * n / seconds / 1e12,
+    )
+    return result, torch.cat(labels)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CPU, tiny-random, 64², K=20, 1 image (~1 minute)")
+    parser.add_argument("--model", default="tiny-random", help="tiny-random | sd14-arch | a diffusers folder/hub id")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--resolution", type=int, default=None, help="default: 64 for tiny-random, else 512")
+    parser.add_argument("--num-masks", type=int, default=20)
+    parser.add_argument("--num-images", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=1, help="images per segment() call on the default path")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--max-branch-batch", default="auto")
+    parser.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "xformers"])
+    parser.add_argument("--skip-naive", action="store_true", help="only time the default path (large models)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model, args.device = "tiny-random", "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    resolution = args.resolution or (64 if args.model == "tiny-random" else 512)
+    num_images = args.num_images or (1 if args.quick or args.model == "tiny-random" else 4)
+    branch = args.max_branch_batch if args.max_branch_batch == "auto" else int(args.max_branch_batch)
+    model = EmerDiffSegmenter(
+        pretrained=args.model, resolution=resolution, num_masks=args.num_masks, dtype=args.dtype,
+        max_branch_batch=branch, attention_backend=args.attention_backend,
+    ).to(torch.device(args.device))
+    model.configure_model()
+    device = model.device
+    images = synthetic_images(num_images, resolution)
+    print(f"model={args.model} device={device} resolution={resolution} K={args.num_masks} images={num_images} "
+          f"dtype={model.compute_dtype()} threads={torch.get_num_threads()}", flush=True)
+    model.segment(images[:1])  # warm-up: loading, backend probe, allocator
+    print(f"attention_backend={model.backend}", flush=True)
+
+    results, labels = [], {}
+    paths = [False] if args.skip_naive else [True, False]
+    for naive in paths:
+        flops = flops_per_image(model, images[:1], naive)
+        result, labels[naive] = run_path(model, images, naive, args.batch_size, flops)
+        results.append(result)
+        print(json.dumps(asdict(result)), flush=True)
+
+    report = {"args": vars(args), "device": str(device), "results": [asdict(r) for r in results]}
+    if device.type == "cuda":
+        peak = bf16_matmul_peak(device)
+        report["bf16_peak_tflops"] = peak
+        print(f"device={torch.cuda.get_device_name(device)} bf16_matmul_peak={peak:.0f} TFLOP/s")
+        for r in results:
+            print(f"{r.name}: {r.tflops_per_s:.0f} TFLOP/s = {100 * r.tflops_per_s / peak:.1f}% of peak, "
+                  f"{1 / r.images_per_s:.2f} s/image")
+    if not args.skip_naive:
+        agreement = (labels[True] == labels[False]).float().mean().item()
+        report["label_agreement"] = agreement
+        print(f"label_agreement: {agreement:.6f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    if args.skip_naive:
+        print(f"default: {results[0].images_per_s:.4f} images/s")
+    else:
+        print(f"speedup: {results[1].images_per_s / results[0].images_per_s:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
