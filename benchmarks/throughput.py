@@ -117,22 +117,35 @@ def run_path(model: EmerDiffSegmenter, images: torch.Tensor, naive: bool, batch:
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
     n = len(images)
     result = PathResult(
-        name="naive" if naive else "default", seconds=seconds, images_per_s=n / seconds,
-        unet_calls_per_s=counts["calls"] / seconds, unet_rows_per_s=counts["rows"] / seconds,
-        peak_memory_gb=peak / 1e9, flops_per_image=flops, tflops_per_s=flops * n / seconds / 1e12,
+        name="naive" if naive else "default",
+        seconds=seconds,
+        images_per_s=n / seconds,
+        unet_calls_per_s=counts["calls"] / seconds,
+        unet_rows_per_s=counts["rows"] / seconds,
+        peak_memory_gb=peak / 1e9,
+        flops_per_image=flops,
+        tflops_per_s=flops * n / seconds / 1e12,
     )
     return result, torch.cat(labels)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CPU, tiny-random, 64², K=20, 1 image (~1 minute)")
-    parser.add_argument("--model", default="tiny-random", help="tiny-random | sd14-arch | a diffusers folder/hub id")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="CPU, tiny-random, 64², K=20, 1 image (~1 minute)"
+    )
+    parser.add_argument(
+        "--model", default="tiny-random", help="tiny-random | sd14-arch | a diffusers folder/hub id"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--resolution", type=int, default=None, help="default: 64 for tiny-random, else 512")
     parser.add_argument("--num-masks", type=int, default=20)
     parser.add_argument("--num-images", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=1, help="images per segment() call on the default path")
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="images per segment() call on the default path"
+    )
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--max-branch-batch", default="auto")
     parser.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "xformers"])
@@ -148,14 +161,21 @@ def main(argv: list[str] | None = None) -> int:
     num_images = args.num_images or (1 if args.quick or args.model == "tiny-random" else 4)
     branch = args.max_branch_batch if args.max_branch_batch == "auto" else int(args.max_branch_batch)
     model = EmerDiffSegmenter(
-        pretrained=args.model, resolution=resolution, num_masks=args.num_masks, dtype=args.dtype,
-        max_branch_batch=branch, attention_backend=args.attention_backend,
+        pretrained=args.model,
+        resolution=resolution,
+        num_masks=args.num_masks,
+        dtype=args.dtype,
+        max_branch_batch=branch,
+        attention_backend=args.attention_backend,
     ).to(torch.device(args.device))
     model.configure_model()
     device = model.device
     images = synthetic_images(num_images, resolution)
-    print(f"model={args.model} device={device} resolution={resolution} K={args.num_masks} images={num_images} "
-          f"dtype={model.compute_dtype()} threads={torch.get_num_threads()}", flush=True)
+    print(
+        f"model={args.model} device={device} resolution={resolution} K={args.num_masks} images={num_images} "
+        f"dtype={model.compute_dtype()} threads={torch.get_num_threads()}",
+        flush=True,
+    )
     model.segment(images[:1])  # warm-up: loading, backend probe, allocator
     print(f"attention_backend={model.backend}", flush=True)
 
@@ -173,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         report["bf16_peak_tflops"] = peak
         print(f"device={torch.cuda.get_device_name(device)} bf16_matmul_peak={peak:.0f} TFLOP/s")
         for r in results:
-            print(f"{r.name}: {r.tflops_per_s:.0f} TFLOP/s = {100 * r.tflops_per_s / peak:.1f}% of peak, "
-                  f"{1 / r.images_per_s:.2f} s/image")
+            print(
+                f"{r.name}: {r.tflops_per_s:.0f} TFLOP/s = {100 * r.tflops_per_s / peak:.1f}% of peak, "
+                f"{1 / r.images_per_s:.2f} s/image"
+            )
     if not args.skip_naive:
         agreement = (labels[True] == labels[False]).float().mean().item()
         report["label_agreement"] = agreement

@@ -35,4 +35,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'emerdiff_pl' has no attribute {name!r}")
 
 
-__all__ = ["__version__", *_PUBLIC]
+__all__ = [
+    "TINY_RANDOM",
+    "EmerDiffDataModule",
+    "EmerDiffSegmenter",
+    "PseudoLabelWriter",
+    "SegmentationResult",
+    "__version__",
+    "batched_kmeans",
+    "load_backbone",
+]

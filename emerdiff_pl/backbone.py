@@ -137,13 +137,24 @@ def sd14_arch_components(seed: int = 0) -> dict:
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
         vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
         )
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
-                vocab_size=len(_tiny_vocab()), hidden_size=768, intermediate_size=3072, num_hidden_layers=1,
-                num_attention_heads=12, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                vocab_size=len(_tiny_vocab()),
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=1,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
             )
         )
     parts = tiny_random_components()
@@ -231,4 +242,11 @@ def load_backbone(pretrained: str, dtype: torch.dtype = torch.float32) -> Backbo
     return Backbone(source=pretrained, **parts)
 
 
-__all__ = ["Backbone", "SD14_ARCH", "TINY_RANDOM", "load_backbone", "ddpm_scheduler", "tiny_random_components"]
+__all__ = [
+    "Backbone",
+    "SD14_ARCH",
+    "TINY_RANDOM",
+    "load_backbone",
+    "ddpm_scheduler",
+    "tiny_random_components",
+]

@@ -118,16 +118,30 @@ def demo(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="emerdiff-pl demo", description=demo.__doc__)
     parser.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
     parser.add_argument("--num-images", type=int, default=4, help="toy scenes to label (default 4)")
-    parser.add_argument("--seed", type=int, default=1000, help="scene seed; the model was trained on seed 12345")
-    parser.add_argument("--config", default=str(repo_config), help="predict config (default configs/toyworld.yaml)")
+    parser.add_argument(
+        "--seed", type=int, default=1000, help="scene seed; the model was trained on seed 12345"
+    )
+    parser.add_argument(
+        "--config", default=str(repo_config), help="predict config (default configs/toyworld.yaml)"
+    )
     args, overrides = parser.parse_known_args(argv)
     if not Path(args.config).is_file():
         parser.error(f"config {args.config} not found; pass --config path/to/toyworld.yaml")
     out = Path(args.out)
     scenes = toyworld.write_shards(out / "scenes", args.num_images, args.seed)
     labels_dir = out / "labels"
-    cli_main(["predict", "--config", args.config, "--data.urls", "::".join(scenes),
-              "--writer.output_dir", str(labels_dir), *overrides])
+    cli_main(
+        [
+            "predict",
+            "--config",
+            args.config,
+            "--data.urls",
+            "::".join(scenes),
+            "--writer.output_dir",
+            str(labels_dir),
+            *overrides,
+        ]
+    )
     label_shards = sorted(str(p) for p in labels_dir.glob("*.tar"))
     if not label_shards:
         print(f"emerdiff-pl demo: no shards were written to {labels_dir}", file=sys.stderr)
@@ -135,19 +149,51 @@ def demo(argv: list[str]) -> int:
     classes = str(toyworld.NUM_CLASSES)
     relabelled = out / "relabelled"
     steps = [
-        (relabel.main, ["--input", "::".join(label_shards), "--num-classes", classes, "--output", str(relabelled)]),
-        (metrics.main, ["--pred", str(relabelled), "--gt", "::".join(scenes), "--num-classes", classes,
-                        "--class-names", "toyworld", "--out", str(out / "evaluation")]),
-        (viz.main, ["--input", str(relabelled), "--images", "::".join(scenes), "--gt", "::".join(scenes),
-                    "--class-names", "toyworld", "--out", str(out / "contact_sheet.png"),
-                    "--n", str(min(args.num_images, 8))]),
+        (
+            relabel.main,
+            ["--input", "::".join(label_shards), "--num-classes", classes, "--output", str(relabelled)],
+        ),
+        (
+            metrics.main,
+            [
+                "--pred",
+                str(relabelled),
+                "--gt",
+                "::".join(scenes),
+                "--num-classes",
+                classes,
+                "--class-names",
+                "toyworld",
+                "--out",
+                str(out / "evaluation"),
+            ],
+        ),
+        (
+            viz.main,
+            [
+                "--input",
+                str(relabelled),
+                "--images",
+                "::".join(scenes),
+                "--gt",
+                "::".join(scenes),
+                "--class-names",
+                "toyworld",
+                "--out",
+                str(out / "contact_sheet.png"),
+                "--n",
+                str(min(args.num_images, 8)),
+            ],
+        ),
     ]
     for step, step_args in steps:
         code = step(step_args)
         if code:
             return code
-    print(f"demo done: pseudo-labels in {labels_dir}, global classes in {relabelled}, "
-          f"scores in {out / 'evaluation'}, picture {out / 'contact_sheet.png'}")
+    print(
+        f"demo done: pseudo-labels in {labels_dir}, global classes in {relabelled}, "
+        f"scores in {out / 'evaluation'}, picture {out / 'contact_sheet.png'}"
+    )
     return 0
 
 

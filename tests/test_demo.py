@@ -13,8 +13,21 @@ from emerdiff_pl.shardio import iter_samples
 def test_demo_produces_labels_scores_and_a_contact_sheet_for_every_scene(tmp_path):
     out = tmp_path / "demo"
     # fewer steps and masks than the shipped config, to keep the test short; the pipeline is the same
-    code = cli.main(["demo", "--out", str(out), "--num-images", "2", "--model.steps_after_modulation", "2",
-                     "--model.num_masks", "4", "--model.kmeans_n_init", "1"])
+    code = cli.main(
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--num-images",
+            "2",
+            "--model.steps_after_modulation",
+            "2",
+            "--model.num_masks",
+            "4",
+            "--model.kmeans_n_init",
+            "1",
+        ]
+    )
     assert code == 0
     scene_keys = {s["__key__"] for s in iter_samples(str(out / "scenes"))}
     relabelled = list(iter_samples(str(out / "relabelled")))
