@@ -96,9 +96,19 @@ def bf16_matmul_peak(device: torch.device, n: int = 8192, repeats: int = 20) -> 
 
 
 def flops_per_image(model: EmerDiffSegmenter, image: torch.Tensor, naive: bool) -> float:
-    with FlopCounterMode(display=False) as counter:
-        model.segment(image, naive=naive)
-    return float(counter.get_total_flops())
+    """FLOPs of one image at the model's K, from counted runs at K = 1 and K = 2: the cost is the reference
+    pass plus K identical per-mask branch sets, so it is exactly linear in K (k-means, not counted, aside)."""
+    k = model.hparams.num_masks
+    counted = []
+    for masks in (1, 2):
+        model.hparams.num_masks = masks
+        try:
+            with FlopCounterMode(display=False) as counter:
+                model.segment(image, naive=naive)
+        finally:
+            model.hparams.num_masks = k
+        counted.append(float(counter.get_total_flops()))
+    return counted[0] + (k - 1) * (counted[1] - counted[0])
 
 
 def run_path(model: EmerDiffSegmenter, images: torch.Tensor, naive: bool, batch: int, flops: float):

@@ -98,19 +98,7 @@ def tiny_random_components(seed: int = 0) -> dict:
             block_out_channels=(16, 32),
             norm_num_groups=8,
         )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(_tiny_vocab()),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-            )
-        )
+        text_encoder = _random_text_encoder(hidden_size=32, layers=2, heads=4)
     scheduler = DDPMScheduler(
         num_train_timesteps=1000,
         beta_schedule="scaled_linear",
@@ -144,21 +132,25 @@ def sd14_arch_components(seed: int = 0) -> dict:
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
         )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(_tiny_vocab()),
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=1,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-            )
-        )
+        text_encoder = _random_text_encoder(hidden_size=768, layers=1, heads=12)
     parts = tiny_random_components()
     return {**parts, "unet": unet, "vae": vae, "text_encoder": text_encoder}
+
+
+def _random_text_encoder(hidden_size: int, layers: int, heads: int) -> CLIPTextModel:
+    """A CLIP text encoder over the tiny vocabulary (77 positions), random weights from the current RNG."""
+    config = CLIPTextConfig(
+        vocab_size=len(_tiny_vocab()),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size if hidden_size < 64 else 4 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return CLIPTextModel(config)
 
 
 def _tiny_vocab() -> dict[str, int]:

@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="global ids for the dataset-wide protocol (default: number of classes)",
     )
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--json", default=None, help="write the results here as JSON")
     p.add_argument("--examples", default=None, help="save an example grid PNG here (image | gt | methods)")
     return p

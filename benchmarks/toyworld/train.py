@@ -475,7 +475,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-4)
     p.add_argument("--ema-decay", type=float, default=0.995)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the machine may be shared)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared CPU more threads are slower)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--decoder-minutes", type=float, default=15.0, help="decoder fine-tuning after the U-Net")
     p.add_argument("--decoder-lr", type=float, default=1e-3)
