@@ -20,18 +20,25 @@ def count(fn) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--num-masks", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=15, help="denoising steps from t_m (281 on 50 steps: 15)")
+    parser.add_argument(
+        "--steps", type=int, default=15, help="denoising steps from t_m (281 on 50 steps: 15)"
+    )
     parser.add_argument("--peak-tflops", type=float, default=800.0, help="dense bf16 peak of the target GPU")
     args = parser.parse_args(argv)
     latent = args.resolution // 8
     with torch.device("meta"):
         unet = UNet2DConditionModel(sample_size=latent, cross_attention_dim=768, attention_head_dim=8)
         vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
         )
         x = torch.empty(1, 4, latent, latent)
         emb = torch.empty(1, 77, 768)
@@ -42,10 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     k, s = args.num_masks, args.steps
     branches = 2 * k
     total = (branches + 1) * s * unet_flops + branches * decode_flops + encode_flops
-    print(f"U-Net call: {unet_flops / 1e12:.3f} TFLOP   VAE decode: {decode_flops / 1e12:.3f} TFLOP   "
-          f"VAE encode: {encode_flops / 1e12:.3f} TFLOP   ({args.resolution}², batch 1)")
-    print(f"per image, K={k}, {s} steps: branches {branches * s * unet_flops / 1e12:.0f} + reference "
-          f"{s * unet_flops / 1e12:.0f} (U-Net) + decodes {branches * decode_flops / 1e12:.0f} = {total / 1e12:.0f} TFLOP")
+    print(
+        f"U-Net call: {unet_flops / 1e12:.3f} TFLOP   VAE decode: {decode_flops / 1e12:.3f} TFLOP   "
+        f"VAE encode: {encode_flops / 1e12:.3f} TFLOP   ({args.resolution}², batch 1)"
+    )
+    print(
+        f"per image, K={k}, {s} steps: branches {branches * s * unet_flops / 1e12:.0f} + reference "
+        f"{s * unet_flops / 1e12:.0f} (U-Net) + decodes {branches * decode_flops / 1e12:.0f} = {total / 1e12:.0f} TFLOP"
+    )
     print(f"floor at {args.peak_tflops:.0f} TFLOP/s: {total / 1e12 / args.peak_tflops:.2f} s per image")
     return 0
 
