@@ -17,7 +17,7 @@ import tarfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 from PIL import Image
@@ -350,7 +350,20 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> N
     tar.addfile(info, io.BytesIO(data))
 
 
-class TarWriter:
+class _CloseOrAbort:
+    """Context manager of the atomic writers: `close()` (publish) on success, `abort()` (drop) on error."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class TarWriter(_CloseOrAbort):
     """One tar shard written under ``<path>.tmp`` and renamed to ``path`` on close (atomic output)."""
 
     def __init__(self, path: str | os.PathLike):
@@ -389,17 +402,8 @@ class TarWriter:
             os.remove(self.tmp_path)
         self._closed = True
 
-    def __enter__(self) -> TarWriter:
-        return self
 
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-
-class ShardSequenceWriter:
+class ShardSequenceWriter(_CloseOrAbort):
     """Numbered shards ``<pattern % index>`` of at most ``maxcount`` samples each, each written atomically."""
 
     def __init__(self, pattern: str, maxcount: int = 1000, start_index: int = 0):
@@ -435,15 +439,6 @@ class ShardSequenceWriter:
         if self._current is not None:
             self._current.abort()
             self._current = None
-
-    def __enter__(self) -> ShardSequenceWriter:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def resize_labels_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
