@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
+
+from emerdiff_pl.backbone import sd14_arch_components
 
 
 def count(fn) -> float:
@@ -32,14 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     latent = args.resolution // 8
     with torch.device("meta"):
-        unet = UNet2DConditionModel(sample_size=latent, cross_attention_dim=768, attention_head_dim=8)
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-        )
+        parts = sd14_arch_components()  # the same architecture as `pretrained: sd14-arch`
+        unet, vae = parts["unet"], parts["vae"]
         x = torch.empty(1, 4, latent, latent)
         emb = torch.empty(1, 77, 768)
         image = torch.empty(1, 3, args.resolution, args.resolution)

@@ -99,7 +99,18 @@ def tiny_random_components(seed: int = 0) -> dict:
             norm_num_groups=8,
         )
         text_encoder = _random_text_encoder(hidden_size=32, layers=2, heads=4)
-    scheduler = DDPMScheduler(
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tiny_tokenizer(),
+        "scheduler": _sd_scheduler(),
+    }
+
+
+def _sd_scheduler() -> DDPMScheduler:
+    """SD 1.x's noise schedule (scaled-linear betas 0.00085–0.012 over 1000 steps, ε-prediction)."""
+    return DDPMScheduler(
         num_train_timesteps=1000,
         beta_schedule="scaled_linear",
         beta_start=0.00085,
@@ -109,13 +120,6 @@ def tiny_random_components(seed: int = 0) -> dict:
         clip_sample=False,
         prediction_type="epsilon",
     )
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tiny_tokenizer(),
-        "scheduler": scheduler,
-    }
 
 
 def sd14_arch_components(seed: int = 0) -> dict:
@@ -133,8 +137,13 @@ def sd14_arch_components(seed: int = 0) -> dict:
             up_block_types=("UpDecoderBlock2D",) * 4,
         )
         text_encoder = _random_text_encoder(hidden_size=768, layers=1, heads=12)
-    parts = tiny_random_components()
-    return {**parts, "unet": unet, "vae": vae, "text_encoder": text_encoder}
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tiny_tokenizer(),
+        "scheduler": _sd_scheduler(),
+    }
 
 
 def _random_text_encoder(hidden_size: int, layers: int, heads: int) -> CLIPTextModel:

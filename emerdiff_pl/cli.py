@@ -164,6 +164,8 @@ def demo(argv: list[str]) -> int:
                 classes,
                 "--class-names",
                 "toyworld",
+                "--protocol",
+                "both",
                 "--out",
                 str(out / "evaluation"),
             ],
