@@ -2,11 +2,16 @@
 
     python benchmarks/throughput.py --quick                 # CPU, tiny-random, about a minute
     python benchmarks/throughput.py --model sd14-arch       # GPU: full SD 1.x architecture, random weights
+    python benchmarks/throughput.py --model sd14-arch --skip-naive --decoder taesd --compare-to-default
 
 Both paths label the same images; the script checks that their labels agree and reports, for each: images/s,
 U-Net calls/s (and branch rows per second), peak memory (RSS on CPU, torch.cuda.max_memory_allocated on GPU),
 FLOPs per image (torch.utils.flop_counter), and on CUDA the achieved TFLOP/s against a bf16 matmul peak
-measured in the same run. The last line is `speedup: <default over naive images/s>`.
+measured in the same run. The fast options (--compile, --decoder taesd, --difference one_sided,
+--steps-after-modulation, --no-channels-last) apply to both paths; --compare-to-default also runs the model
+with every option at its default on the same images and prints `label_agreement_vs_default`, the fraction
+of pixels labelled the same. The last line is `speedup: <default over naive images/s>` (with --skip-naive:
+`default: <images/s>`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import os
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,13 +67,16 @@ class PeakRSS:
 
 
 def count_unet_calls(model: EmerDiffSegmenter) -> dict[str, int]:
+    """Count the model's U-Net calls and rows from now on (outside the U-Net, so compiling is unaffected)."""
     counts = {"calls": 0, "rows": 0}
+    unet = model._unet
 
-    def hook(_module, args, kwargs):
+    def counted(x: torch.Tensor, t: int, emb: torch.Tensor) -> torch.Tensor:
         counts["calls"] += 1
-        counts["rows"] += (args[0] if args else kwargs["sample"]).shape[0]
+        counts["rows"] += x.shape[0]
+        return unet(x, t, emb)
 
-    model.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    model._unet = counted
     return counts
 
 
@@ -102,8 +111,10 @@ def flops_per_image(model: EmerDiffSegmenter, image: torch.Tensor, naive: bool) 
     counted = []
     for masks in (1, 2):
         model.hparams.num_masks = masks
+        # eager: the count is the same, and a compiled U-Net would recompile for these batch sizes
+        eager = torch.compiler.set_stance("force_eager") if model.hparams.compile else nullcontext()
         try:
-            with FlopCounterMode(display=False) as counter:
+            with eager, FlopCounterMode(display=False) as counter:
                 model.segment(image, naive=naive)
         finally:
             model.hparams.num_masks = k
@@ -111,7 +122,9 @@ def flops_per_image(model: EmerDiffSegmenter, image: torch.Tensor, naive: bool) 
     return counted[0] + (k - 1) * (counted[1] - counted[0])
 
 
-def run_path(model: EmerDiffSegmenter, images: torch.Tensor, naive: bool, batch: int, flops: float):
+def run_path(
+    model: EmerDiffSegmenter, images: torch.Tensor, naive: bool, batch: int, flops: float, name: str = ""
+):
     device = model.device
     counts = count_unet_calls(model)
     labels = []
@@ -127,7 +140,7 @@ def run_path(model: EmerDiffSegmenter, images: torch.Tensor, naive: bool, batch:
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
     n = len(images)
     result = PathResult(
-        name="naive" if naive else "default",
+        name=name or ("naive" if naive else "default"),
         seconds=seconds,
         images_per_s=n / seconds,
         unet_calls_per_s=counts["calls"] / seconds,
@@ -159,6 +172,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--max-branch-batch", default="auto")
     parser.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "xformers"])
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="channels-last U-Net and decoders on CUDA (model default: on)",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    parser.add_argument(
+        "--decoder", default="vae", choices=["vae", "taesd"], help="decoder of the branch images"
+    )
+    parser.add_argument(
+        "--taesd-model",
+        default=None,
+        help="default: tiny-random / sd14-arch to match --model, else madebyollin/taesd",
+    )
+    parser.add_argument("--difference", default="two_sided", choices=["two_sided", "one_sided"])
+    parser.add_argument(
+        "--steps-after-modulation", type=int, default=None, help="denoising steps from t_m (default: all)"
+    )
+    parser.add_argument(
+        "--compare-to-default",
+        action="store_true",
+        help="also run every option at its default on the same images and print label_agreement_vs_default",
+    )
     parser.add_argument("--skip-naive", action="store_true", help="only time the default path (large models)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -170,24 +207,38 @@ def main(argv: list[str] | None = None) -> int:
     resolution = args.resolution or (64 if args.model == "tiny-random" else 512)
     num_images = args.num_images or (1 if args.quick or args.model == "tiny-random" else 4)
     branch = args.max_branch_batch if args.max_branch_batch == "auto" else int(args.max_branch_batch)
-    model = EmerDiffSegmenter(
+    taesd_model = args.taesd_model or (
+        args.model if args.model in ("tiny-random", "sd14-arch") else "madebyollin/taesd"
+    )
+    common = dict(
         pretrained=args.model,
         resolution=resolution,
         num_masks=args.num_masks,
         dtype=args.dtype,
         max_branch_batch=branch,
         attention_backend=args.attention_backend,
-    ).to(torch.device(args.device))
+    )
+    options = dict(
+        channels_last=args.channels_last,
+        compile=args.compile,
+        decoder=args.decoder,
+        taesd_model=taesd_model,
+        difference=args.difference,
+        steps_after_modulation=args.steps_after_modulation,
+    )
+    model = EmerDiffSegmenter(**common, **options).to(torch.device(args.device))
     model.configure_model()
     device = model.device
     images = synthetic_images(num_images, resolution)
     print(
         f"model={args.model} device={device} resolution={resolution} K={args.num_masks} images={num_images} "
-        f"dtype={model.compute_dtype()} threads={torch.get_num_threads()}",
+        f"dtype={model.compute_dtype()} threads={torch.get_num_threads()} "
+        + " ".join(f"{k}={v}" for k, v in options.items() if k != "taesd_model" or args.decoder == "taesd"),
         flush=True,
     )
-    model.segment(images[:1])  # warm-up: loading, backend probe, allocator
-    print(f"attention_backend={model.backend}", flush=True)
+    start = time.perf_counter()
+    model.segment(images[:1])  # warm-up: loading, backend probe, allocator, compilation
+    print(f"attention_backend={model.backend} warmup_s={time.perf_counter() - start:.1f}", flush=True)
 
     results, labels = [], {}
     paths = [False] if args.skip_naive else [True, False]
@@ -198,6 +249,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(asdict(result)), flush=True)
 
     report = {"args": vars(args), "device": str(device), "results": [asdict(r) for r in results]}
+    if args.compare_to_default:
+        plain = EmerDiffSegmenter(**common).to(device)
+        plain.configure_model()
+        plain.segment(images[:1])  # warm-up
+        flops = flops_per_image(plain, images[:1], naive=False)
+        result, plain_labels = run_path(plain, images, False, args.batch_size, flops, name="plain_default")
+        print(json.dumps(asdict(result)), flush=True)
+        report["plain_default"] = asdict(result)
     if device.type == "cuda":
         peak = bf16_matmul_peak(device)
         report["bf16_peak_tflops"] = peak
@@ -211,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         agreement = (labels[True] == labels[False]).float().mean().item()
         report["label_agreement"] = agreement
         print(f"label_agreement: {agreement:.6f}")
+    if args.compare_to_default:
+        agreement = (labels[False] == plain_labels).float().mean().item()
+        report["label_agreement_vs_default"] = agreement
+        print(f"label_agreement_vs_default: {agreement:.6f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

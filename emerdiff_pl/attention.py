@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 Backend = Literal["sdpa", "xformers"]
 Record = Literal["none", "qk", "probs"]
+FEATURES = "features"  # key of the feature layer's query vectors (B, N, C) in a step's record
 
 
 def attention(query: Tensor, key: Tensor, value: Tensor, backend: Backend) -> Tensor:
@@ -62,26 +63,37 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
 
 
 class AttentionStore:
-    """State shared by the processors of one U-Net: the step, the branch rows, the modulation, the records.
+    """State shared by the processors of one U-Net: the branch rows, the modulation, the records.
 
-    Reference tensors are kept per (layer, step) in `saved`; `rows[i]` is the reference image of branch row i.
+    Reference tensors are kept per step and layer in `saved`; `rows[i]` is the reference image of branch
+    row i. `begin_step(s)` points the processors at step s before each U-Net call; no processor reads the
+    step number, so a compiled U-Net runs every step with one graph instead of compiling one per step.
     """
 
     def __init__(self, feature_layer: str, modulated_layer: str):
         self.feature_layer = feature_layer
         self.modulated_layer = modulated_layer
-        self.step = 0
         self.record: Record = "none"
-        self.feature_step: int | None = None
-        self.features: Tensor | None = None  # (B, N, C) queries of the feature layer
-        self.saved: dict[tuple[str, int], tuple[Tensor, ...]] = {}
+        self.read_features = False  # also record the feature layer's queries (as FEATURES), every step
+        self.saved: dict[int, dict[str, tuple[Tensor, ...]]] = {}  # step → layer → recorded tensors
+        self.current: dict[str, tuple[Tensor, ...]] = {}  # saved[step] of the step being run
         self.rows: Tensor | None = None
         self.modulation: Tensor | None = None  # (rows, N), added to every channel at step 0
+        self.step_modulation: Tensor | None = None  # what this call adds: `modulation` at step 0, zeros after
         self.tokens: dict[str, int] = {}  # layer → number of spatial tokens, seen by the last capture
+
+    def begin_step(self, step: int) -> None:
+        """Point the processors at `step`; set `rows` and `modulation` first."""
+        self.current = self.saved.setdefault(step, {})
+        self.step_modulation = self.modulation
+        if self.modulation is not None and step != 0:  # adding zeros keeps one graph for every step
+            self.step_modulation = torch.zeros_like(self.modulation)
 
     def clear(self) -> None:
         self.saved.clear()
-        self.features = self.rows = self.modulation = None
+        self.current = {}
+        self.read_features = False
+        self.rows = self.modulation = self.step_modulation = None
 
 
 class _Processor:
@@ -124,7 +136,7 @@ class _Processor:
 class CaptureProcessor(_Processor):
     """Plain attention that records what the branches will reuse (store.record):
     `qk` — self-attention Q, K and cross-attention outputs; `probs` — explicit probability maps; `none`.
-    At `store.feature_step` the feature layer also records its query vectors."""
+    With `store.read_features` the feature layer also records its query vectors."""
 
     def __call__(
         self,
@@ -137,15 +149,15 @@ class CaptureProcessor(_Processor):
         store = self.store
         store.tokens[self.name] = hidden_states.shape[1]
         features, q, k, v = self.project(attn, hidden_states, encoder_hidden_states)
-        if self.name == store.feature_layer and store.step == store.feature_step:
-            store.features = features.float()
+        if store.read_features and self.name == store.feature_layer:
+            store.current[FEATURES] = (features.float(),)
         if store.record == "probs":
             probs = attention_probs(q, k)
-            store.saved[(self.name, store.step)] = (probs,)
+            store.current[self.name] = (probs,)
             return self.output(attn, probs @ v, hidden_states)
         out = self.output(attn, attention(q, k, v, self.backend), hidden_states)
         if store.record == "qk":
-            store.saved[(self.name, store.step)] = (out,) if encoder_hidden_states is not None else (q, k)
+            store.current[self.name] = (out,) if encoder_hidden_states is not None else (q, k)
         return out
 
 
@@ -164,7 +176,7 @@ class InjectProcessor(_Processor):
         **kwargs,
     ) -> Tensor:
         store = self.store
-        saved = store.saved[(self.name, store.step)]
+        saved = store.current[self.name]
         rows = store.rows
         if len(saved) == 1 and saved[0].ndim == 3:  # recorded cross-attention output
             return saved[0][rows]
@@ -186,8 +198,8 @@ class ModulateProcessor:
     def __call__(self, attn: Attention, hidden_states: Tensor, *args, **kwargs) -> Tensor:
         out = self.inner(attn, hidden_states, *args, **kwargs)
         store = self.inner.store
-        if store.step == 0 and store.modulation is not None:
-            out = out + store.modulation.unsqueeze(-1).to(out.dtype)
+        if store.step_modulation is not None:
+            out = out + store.step_modulation.unsqueeze(-1).to(out.dtype)
         return out
 
 
@@ -208,6 +220,7 @@ def install(
     """Set `kind` processors on every attention layer; wrap the modulated layer when `modulate`."""
     procs: dict[str, object] = {}
     for name in attention_layer_names(unet):
+        store.tokens.setdefault(name, 0)  # fixed keys: a compiled U-Net sees the same dict on every call
         proc = kind(name, store, backend)
         procs[f"{name}.processor"] = (
             ModulateProcessor(proc) if modulate and name == store.modulated_layer else proc
@@ -216,6 +229,7 @@ def install(
 
 
 __all__ = [
+    "FEATURES",
     "AttentionStore",
     "CaptureProcessor",
     "InjectProcessor",

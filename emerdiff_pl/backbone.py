@@ -2,18 +2,20 @@
 
 Only what the method needs is loaded (U-Net, VAE, text encoder + tokenizer for the empty prompt, and the
 scheduler's noise schedule as a DDPM scheduler); no pipeline, no safety checker, no network assumed.
+`load_taesd` loads the optional TAESD decoder (`decoder: taesd`) from the same kinds of sources.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
 from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -37,7 +39,7 @@ class Backbone:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return latent_scale_factor(self.vae)
 
     @torch.no_grad()
     def empty_prompt_embedding(self) -> Tensor:
@@ -183,15 +185,23 @@ def tiny_tokenizer() -> CLIPTokenizer:
         )
 
 
+def _local_path(name: str) -> Path | None:
+    """The folder `name` points to, or None when it reads as a hub id ("org/name", not a local path)."""
+    path = Path(name).expanduser()
+    looks_local = path.is_absolute() or name.startswith((".", "~")) or path.exists()
+    if not looks_local and name.count("/") == 1:
+        return None
+    return path
+
+
 def _resolve_local(pretrained: str) -> Path | None:
     """A local folder for `pretrained`, a shipped model name (e.g. `toyworld-ldm`), or None for a hub id."""
     shipped = _SHIPPED_MODELS / pretrained
     if "/" not in pretrained and shipped.is_dir():
         return shipped
-    path = Path(pretrained).expanduser()
-    looks_local = path.is_absolute() or pretrained.startswith((".", "~")) or path.exists()
-    if not looks_local and pretrained.count("/") == 1:
-        return None  # "org/name": a hub id
+    path = _local_path(pretrained)
+    if path is None:
+        return None
     if not path.is_dir():
         shipped_names = sorted(p.name for p in _SHIPPED_MODELS.iterdir()) if _SHIPPED_MODELS.is_dir() else []
         raise FileNotFoundError(
@@ -207,6 +217,16 @@ def _resolve_local(pretrained: str) -> Path | None:
             "save_pretrained (pipeline.save_pretrained(folder) writes them all)."
         )
     return path
+
+
+def _hub_error(hub_id: str, option: str, folder: str, err: Exception) -> OSError:
+    """The error for a hub id that could not be loaded (offline or unreachable): how to get the files."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    return OSError(
+        f"could not load hub model {hub_id!r} ({'offline mode, ' if offline else ''}{err.__class__.__name__}). "
+        "Without network access, download it once where you have access "
+        f"(`hf download {hub_id} --local-dir {folder}`) and pass {option}={folder}."
+    )
 
 
 def load_backbone(pretrained: str, dtype: torch.dtype = torch.float32) -> Backbone:
@@ -229,12 +249,7 @@ def load_backbone(pretrained: str, dtype: torch.dtype = torch.float32) -> Backbo
         except (OSError, ValueError) as err:
             if local is not None:
                 raise
-            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-            raise OSError(
-                f"could not load hub model {pretrained!r} ({'offline mode, ' if offline else ''}{err.__class__.__name__}). "
-                "Without network access, download it once where you have access "
-                f"(`hf download {pretrained} --local-dir /path/sd`) and pass pretrained=/path/sd."
-            ) from err
+            raise _hub_error(pretrained, "pretrained", "/path/sd", err) from err
     parts["scheduler"] = ddpm_scheduler(dict(parts["scheduler"].config))
     for name in ("unet", "vae", "text_encoder"):
         parts[name].requires_grad_(False).eval()
@@ -243,11 +258,87 @@ def load_backbone(pretrained: str, dtype: torch.dtype = torch.float32) -> Backbo
     return Backbone(source=pretrained, **parts)
 
 
+def latent_scale_factor(decoder: AutoencoderKL | AutoencoderTiny) -> int:
+    """Image pixels per latent pixel along each side."""
+    if isinstance(decoder, AutoencoderTiny):
+        return decoder.config.upsampling_scaling_factor ** (
+            len(decoder.config.decoder_block_out_channels) - 1
+        )
+    return 2 ** (len(decoder.config.block_out_channels) - 1)
+
+
+def tiny_random_taesd(vae: AutoencoderKL, seed: int = 0) -> AutoencoderTiny:
+    """A small random AutoencoderTiny for `vae`'s latents (channels and scale factor): for tests and demos."""
+    stages = int(math.log2(latent_scale_factor(vae))) + 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderTiny(
+            encoder_block_out_channels=(16,) * stages,
+            decoder_block_out_channels=(16,) * stages,
+            num_encoder_blocks=(1,) * stages,
+            num_decoder_blocks=(1,) * stages,
+            latent_channels=vae.config.latent_channels,
+        )
+
+
+def _resolve_taesd(name: str) -> Path | None:
+    """A local AutoencoderTiny folder for `name`, or None for a hub id."""
+    path = _local_path(name)
+    if path is None:
+        return None
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"taesd_model={name!r} is not a folder. Pass a local AutoencoderTiny folder (with config.json), "
+            f"a hub id like 'madebyollin/taesd', {TINY_RANDOM!r} or {SD14_ARCH!r}"
+        )
+    if not (path / "config.json").is_file():
+        present = sorted(p.name for p in path.iterdir())
+        raise FileNotFoundError(
+            f"AutoencoderTiny folder {str(path)!r} lacks config.json; it holds {present}. Save it with "
+            "AutoencoderTiny.save_pretrained(folder)."
+        )
+    return path
+
+
+def load_taesd(name: str, vae: AutoencoderKL, dtype: torch.dtype = torch.float32) -> AutoencoderTiny:
+    """The TAESD decoder (eval mode, no grad) in `dtype` on the CPU: a hub id or local AutoencoderTiny folder,
+    `tiny-random` (shaped like `vae`'s latents), or `sd14-arch` (full size, random weights; benchmarks only).
+
+    It must decode `vae`'s latents: same latent channels and scale factor, else a ValueError."""
+    if name == TINY_RANDOM:
+        taesd = tiny_random_taesd(vae)
+    elif name == SD14_ARCH:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            taesd = AutoencoderTiny()  # the default config is TAESD for SD 1.x/2.x
+    else:
+        local = _resolve_taesd(name)
+        try:
+            taesd = AutoencoderTiny.from_pretrained(
+                str(local) if local is not None else name, torch_dtype=dtype
+            )
+        except (OSError, ValueError) as err:
+            if local is not None:
+                raise
+            raise _hub_error(name, "taesd_model", "/path/taesd", err) from err
+    got = (taesd.config.latent_channels, latent_scale_factor(taesd))
+    want = (vae.config.latent_channels, latent_scale_factor(vae))
+    if got != want:
+        raise ValueError(
+            f"taesd_model={name!r} decodes {got[0]}-channel latents upsampling ×{got[1]}, but the backbone's "
+            f"VAE has {want[0]}-channel latents at ×{want[1]}; pass a TAESD trained for this VAE "
+            f"({TINY_RANDOM!r} builds a random one that fits)"
+        )
+    taesd.requires_grad_(False).eval()
+    return taesd if taesd.dtype == dtype else taesd.to(dtype=dtype)
+
+
 __all__ = [
     "Backbone",
     "SD14_ARCH",
     "TINY_RANDOM",
     "load_backbone",
+    "load_taesd",
     "ddpm_scheduler",
     "tiny_random_components",
 ]

@@ -5,17 +5,19 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderTiny
 from torch import Tensor
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from emerdiff_pl import attention as attn
-from emerdiff_pl.backbone import Backbone, load_backbone
+from emerdiff_pl.backbone import Backbone, load_backbone, load_taesd
 from emerdiff_pl.inversion import (
     NoiseSchedule,
     Trajectory,
@@ -30,6 +32,19 @@ log = logging.getLogger(__name__)
 FEATURE_LAYER = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
 MODULATED_LAYER = "up_blocks.1.attentions.2.transformer_blocks.0.attn2"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO_MAX_ROWS_512 = 16  # max_branch_batch=auto on CUDA: branch rows per U-Net call at 512² (scaled by area)
+
+
+def auto_branch_rows(free_bytes: int, resolution: int, itemsize: int = 2) -> int:
+    """`max_branch_batch: auto` on CUDA: branch rows per U-Net call from free device memory.
+
+    At most 16 rows at 512² (scaled by area): an H200 gives the same rows/s at 16, 24 and 40 rows while peak
+    memory grows 6.9 → 12.5 GB (BENCHMARKS.md). The memory bound keeps a conservative 1.2 GB per 512² row in
+    bf16 within 70 % of free memory (measured: ≈ 0.3 GB); a CUDA OOM still halves the chunk and retries.
+    """
+    area = (resolution / 512) ** 2
+    per_row = 1.2e9 * area * itemsize / 2
+    return max(2, min(int(AUTO_MAX_ROWS_512 / area), int(0.7 * free_bytes / per_row)))
 
 
 @dataclass
@@ -59,9 +74,18 @@ class EmerDiffSegmenter(L.LightningModule):
         gaussian_sigma: σ of the Gaussian smoothing of each difference map, pixels at model resolution (0: off).
         kmeans_n_init / kmeans_max_iter: k-means restarts (best inertia kept) and Lloyd iterations.
         seed: every image is seeded with it (noise and k-means), so a result depends only on image and settings.
-        max_branch_batch: branches per U-Net call (even), or `auto` (from free GPU memory; 32 on CPU).
+        max_branch_batch: branches per U-Net call (even), or `auto` (on CUDA: from free memory, at most 16 at 512²;
+            32 on CPU).
         dtype: `auto` = bfloat16 on CUDA, float32 on CPU.
         attention_backend: `auto` = xformers where a probe call on the device works, else PyTorch SDPA.
+        channels_last: on CUDA, U-Net and decoders in channels-last memory format (faster convolutions).
+            No effect on CPU.
+        compile: `torch.compile` the U-Net (default mode; the batch size turns symbolic when it first
+            changes). The first images pay the compilation; `segment(naive=True)` always runs eagerly.
+        decoder: what decodes the branch images into difference maps: the model's `vae`, or `taesd` (a tiny
+            distilled decoder, far cheaper than the VAE's); images are always encoded by the VAE.
+        taesd_model: the AutoencoderTiny of `decoder: taesd`: hub id, local folder, `tiny-random` (random
+            weights, fits the backbone's latents) or `sd14-arch` (full size, random weights; benchmarks only).
     """
 
     def __init__(
@@ -86,6 +110,10 @@ class EmerDiffSegmenter(L.LightningModule):
         max_branch_batch: int | Literal["auto"] = "auto",
         dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
         attention_backend: Literal["auto", "sdpa", "xformers"] = "auto",
+        channels_last: bool = True,
+        compile: bool = False,
+        decoder: Literal["vae", "taesd"] = "vae",
+        taesd_model: str = "madebyollin/taesd",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -93,12 +121,16 @@ class EmerDiffSegmenter(L.LightningModule):
             raise ValueError(f"method must be emerdiff or lowres_bilinear, got {method!r}")
         if difference not in ("two_sided", "one_sided"):
             raise ValueError(f"difference must be two_sided or one_sided, got {difference!r}")
+        if decoder not in ("vae", "taesd"):
+            raise ValueError(f"decoder must be vae or taesd, got {decoder!r}")
         if num_masks < 1 or resolution < 8:
             raise ValueError(f"need num_masks ≥ 1 and resolution ≥ 8, got {num_masks} and {resolution}")
         if max_branch_batch != "auto" and (not isinstance(max_branch_batch, int) or max_branch_batch < 1):
             raise ValueError(f"max_branch_batch must be a positive int or 'auto', got {max_branch_batch!r}")
         self.backbone: Backbone | None = None
+        self.taesd: AutoencoderTiny | None = None
         self.backend: attn.Backend | None = None
+        self._channels_last_device: torch.device | None = None
         self.store = attn.AttentionStore(feature_layer, modulated_layer)
 
     # ------------------------------------------------------------------ setup
@@ -121,6 +153,12 @@ class EmerDiffSegmenter(L.LightningModule):
         for name, what in ((hp.feature_layer, "feature_layer"), (hp.modulated_layer, "modulated_layer")):
             attn.check_layer(backbone.unet, name, what)
         self.unet, self.vae, self.text_encoder = backbone.unet, backbone.vae, backbone.text_encoder
+        if hp.decoder == "taesd":
+            self.taesd = load_taesd(hp.taesd_model, backbone.vae, self.compute_dtype())
+        if hp.compile:
+            # compiled lazily at the first call; dynamic=None: a second batch size recompiles once with a
+            # symbolic batch (latent H, W stay static), so chunks of any size share one graph
+            self.unet.compile(dynamic=None)
         self.backbone = backbone
         self.schedule = NoiseSchedule(backbone.scheduler)
         self.timesteps = denoising_timesteps(
@@ -143,6 +181,15 @@ class EmerDiffSegmenter(L.LightningModule):
                 self.hparams.attention_backend, self.device, self.compute_dtype()
             )
             self._backend_device = self.device
+        if (
+            self.hparams.channels_last
+            and self.device.type == "cuda"
+            and self._channels_last_device != self.device
+        ):
+            for module in (self.unet, self.vae, self.taesd):
+                if module is not None:
+                    module.to(memory_format=torch.channels_last)
+            self._channels_last_device = self.device
 
     def run_info(self) -> dict[str, Any]:
         """What `<key>.json` records besides the hyperparameters."""
@@ -182,11 +229,14 @@ class EmerDiffSegmenter(L.LightningModule):
         return self.vae.encode(x).latent_dist.mean.float() * self.vae.config.scaling_factor
 
     def decode(self, latents: Tensor, chunk: int) -> Tensor:
-        """Latents → RGB in [-1, 1] (float32), decoded `chunk` at a time."""
-        scale = self.vae.config.scaling_factor
+        """Latents → RGB in [-1, 1] (float32) with the configured decoder, decoded `chunk` at a time."""
+        # diffusers' convention for both decoders: decode(latents / config.scaling_factor). TAESD was
+        # distilled on the U-Net's latents (SD VAE latents × 0.18215) and its config says scaling_factor 1.0,
+        # so it gets them as they are. Both return unclamped [-1, 1] images (TAESD maps its [0, 1] by 2x − 1).
+        decoder = self.taesd if self.taesd is not None else self.vae
+        scale = decoder.config.scaling_factor
         parts = [
-            self.vae.decode((z / scale).to(self.vae.dtype)).sample.float()
-            for z in latents.split(max(1, chunk))
+            decoder.decode((z / scale).to(decoder.dtype)).sample.float() for z in latents.split(max(1, chunk))
         ]
         return torch.cat(parts)
 
@@ -202,24 +252,28 @@ class EmerDiffSegmenter(L.LightningModule):
         every = sample_trajectory_latents(self.schedule, x0, self.schedule_timesteps, generators)
         latents = every[[self.schedule_timesteps.index(t) for t in self.timesteps]]
         store.clear()
-        store.record = record
+        store.record, store.read_features = record, True
         attn.install(self.unet, store, self.backend, attn.CaptureProcessor, modulate=False)
         trajectory = None
         if hp.method == "emerdiff":
-            store.feature_step = (
-                self.timesteps.index(hp.feature_timestep) if hp.feature_timestep in self.timesteps else None
-            )
 
             def unet_fn(x: Tensor, t: int, s: int) -> Tensor:
-                store.step = s
+                store.begin_step(s)
                 return self._unet(x, t, emb)
 
             trajectory = invert(unet_fn, self.schedule, latents, self.timesteps)
-        if store.features is None:  # lowres_bilinear, or t_f outside the denoised span: one call at t_f
-            store.record, store.step, store.feature_step = "none", -1, -1
+        if trajectory is not None and hp.feature_timestep in self.timesteps:
+            feature_step = self.timesteps.index(hp.feature_timestep)
+        else:  # lowres_bilinear, or t_f outside the denoised span: one call at t_f
+            feature_step = -1
+            store.record = "none"
+            store.begin_step(feature_step)
             self._unet(every[self.schedule_timesteps.index(hp.feature_timestep)], hp.feature_timestep, emb)
             store.record = record
-        features, store.features = store.features, None
+        (features,) = store.saved[feature_step][attn.FEATURES]
+        for recorded in store.saved.values():  # the queries of the other steps are not needed
+            recorded.pop(attn.FEATURES, None)
+        store.read_features = False
         return trajectory, features
 
     def _lowres_masks(
@@ -248,9 +302,7 @@ class EmerDiffSegmenter(L.LightningModule):
         if setting == "auto":
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
-                # ≈ 1.2 GB per 512² branch in bf16 (U-Net activations + decoder); the OOM fallback corrects it
-                per_branch = 1.2e9 * (self.hparams.resolution / 512) ** 2 * self.unet.dtype.itemsize / 2
-                setting = max(2, int(0.7 * free / per_branch))
+                setting = auto_branch_rows(free, self.hparams.resolution, self.unet.dtype.itemsize)
             else:
                 setting = 32
         chunk = min(setting, total)
@@ -289,7 +341,7 @@ class EmerDiffSegmenter(L.LightningModule):
         for s, t in enumerate(steps):
             if path is not None:
                 path.append(x)
-            store.step = s
+            store.begin_step(s)
             t_prev = steps[s + 1] if s + 1 < len(steps) else -1
             x = self.schedule.step(
                 x, self._unet(x, t, emb).float(), t, t_prev, trajectory.noise[s][store.rows]
@@ -349,16 +401,14 @@ class EmerDiffSegmenter(L.LightningModule):
             b = int(image[row])
             x = trajectory.latents[0][b : b + 1]
             for s, t in enumerate(steps):
-                store.step, store.saved = s, {}
+                store.saved.clear()
+                store.rows, store.modulation = one, modulation[row : row + 1].to(self.device)
+                store.begin_step(s)
                 if hp.attention_injection:  # the reference call at this step, recording probabilities
                     store.record = "probs"
                     attn.install(self.unet, store, self.backend, attn.CaptureProcessor, modulate=False)
                     self._unet(trajectory.latents[s][b : b + 1], t, emb)
-                store.record, store.rows, store.modulation = (
-                    "none",
-                    one,
-                    modulation[row : row + 1].to(self.device),
-                )
+                store.record = "none"
                 kind = attn.InjectProcessor if hp.attention_injection else attn.CaptureProcessor
                 attn.install(self.unet, store, self.backend, kind, modulate=True)
                 t_prev = steps[s + 1] if s + 1 < len(steps) else -1
@@ -423,25 +473,26 @@ class EmerDiffSegmenter(L.LightningModule):
             timings[name] = now - clock
             clock = now
 
-        x0 = self.encode(images)
         record = "qk" if hp.method == "emerdiff" and hp.attention_injection and not naive else "none"
-        self.store.tokens = {}
-        trajectory, features = self._reference_pass(x0, seeds, record)
-        lap("reference_s")
-        lowres, embeddings = self._lowres_masks(features, seeds, tuple(x0.shape[-2:]))
-        lap("kmeans_s")
-        size = hp.resolution
-        if hp.method == "lowres_bilinear":
-            one_hot = F.one_hot(lowres, hp.num_masks).permute(0, 3, 1, 2).float()
-            scores = F.interpolate(one_hot, size=(size, size), mode="bilinear", align_corners=False)
-        else:
-            maps = (
-                self._difference_maps_naive(trajectory, lowres)
-                if naive
-                else self._difference_maps(trajectory, lowres)
-            )
-            scores = self.smooth(maps)
-            lap("branches_s")
+        # the naive path is the reference, compiled U-Net or not
+        with torch.compiler.set_stance("force_eager") if naive and hp.compile else nullcontext():
+            x0 = self.encode(images)
+            trajectory, features = self._reference_pass(x0, seeds, record)
+            lap("reference_s")
+            lowres, embeddings = self._lowres_masks(features, seeds, tuple(x0.shape[-2:]))
+            lap("kmeans_s")
+            size = hp.resolution
+            if hp.method == "lowres_bilinear":
+                one_hot = F.one_hot(lowres, hp.num_masks).permute(0, 3, 1, 2).float()
+                scores = F.interpolate(one_hot, size=(size, size), mode="bilinear", align_corners=False)
+            else:
+                maps = (
+                    self._difference_maps_naive(trajectory, lowres)
+                    if naive
+                    else self._difference_maps(trajectory, lowres)
+                )
+                scores = self.smooth(maps)
+                lap("branches_s")
         labels = scores.argmax(1, keepdim=True).float()
         labels = F.interpolate(labels, size=(out_h, out_w), mode="nearest-exact").squeeze(1).long()
         lap("assign_s")

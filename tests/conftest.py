@@ -81,6 +81,26 @@ def bad_inputs() -> dict[str, tuple[str, bytes, str]]:
 MIXED_MAX_PIXELS = 100_000
 
 
+# a 10-step schedule {901, 801, …, 1} with t_m = 201 keeps every segmenter test at three denoising steps
+FAST_SEGMENTER = dict(
+    pretrained="tiny-random",
+    resolution=64,
+    num_masks=4,
+    num_inference_steps=10,
+    modulation_timestep=201,
+    kmeans_n_init=2,
+    gaussian_sigma=1.0,
+)
+
+
+def smooth_images(batch: int, seed: int = 0, size: int = 64) -> torch.Tensor:
+    """Blobby images (bilinear upsampling of 4×4 noise), so low-res clusters form regions."""
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(
+        torch.rand(batch, 3, 4, 4, generator=g), size=size, mode="bilinear", align_corners=False
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # shards and folders
 # ----------------------------------------------------------------------------------------------------------------

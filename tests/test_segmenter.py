@@ -7,30 +7,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FAST_SEGMENTER, smooth_images
 from diffusers import DDPMScheduler
 
 from emerdiff_pl import EmerDiffSegmenter
 from emerdiff_pl import attention as attn
 from emerdiff_pl.inversion import NoiseSchedule
 
-# a 10-step schedule {901, 801, …, 1} with t_m = 201 keeps every test at three denoising steps
-FAST = dict(
-    pretrained="tiny-random",
-    resolution=64,
-    num_masks=4,
-    num_inference_steps=10,
-    modulation_timestep=201,
-    kmeans_n_init=2,
-    gaussian_sigma=1.0,
-)
-
-
-def smooth_images(batch: int, seed: int = 0, size: int = 64) -> torch.Tensor:
-    """Blobby images (bilinear upsampling of 4×4 noise), so low-res clusters form regions."""
-    g = torch.Generator().manual_seed(seed)
-    return F.interpolate(
-        torch.rand(batch, 3, 4, 4, generator=g), size=size, mode="bilinear", align_corners=False
-    )
+FAST = FAST_SEGMENTER
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from emerdiff_pl import toyworld
@@ -152,8 +153,12 @@ def test_shipped_model_keeps_sd1_layout_and_feature_level_is_8x_coarser():
     assert unet["down_block_types"] == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
     assert unet["up_block_types"] == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
     assert unet["layers_per_block"] == 2
+    # the layers configs/toyworld.yaml reads and modulates run at least 8× coarser than the image
+    config = yaml.safe_load((ASSET.parents[2] / "configs" / "toyworld.yaml").read_text())["model"]
     vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    assert vae_factor * 4 >= 8  # up_blocks.1 runs at latent/4
+    for layer in (config["feature_layer"], config["modulated_layer"]):
+        block = int(layer.split(".")[1])  # up_blocks.i runs at latent / 2^(3 - i)
+        assert layer.startswith("up_blocks.") and vae_factor * 2 ** (3 - block) >= 8, layer
     assert 0.05 < vae["scaling_factor"] < 20
     assert sched["beta_schedule"] == "scaled_linear" and sched["steps_offset"] == 1
     assert sched["timestep_spacing"] == "leading" and sched["prediction_type"] == "epsilon"

@@ -36,7 +36,9 @@ DEFAULT_MODEL = str(ROOT / "emerdiff_pl" / "assets" / "toyworld-ldm")
 # Defaults chosen from the ablation table in RESULTS.md (the paper leaves K, σ and the layer open).
 DEFAULT_MODEL_ARGS: dict[str, Any] = {
     "resolution": 128,
-    "num_masks": 8,
+    "num_masks": 16,
+    "feature_layer": "up_blocks.2.attentions.0.transformer_blocks.0.attn2",
+    "modulated_layer": "up_blocks.2.attentions.2.transformer_blocks.0.attn2",
     "gaussian_sigma": 2.0,
     "modulation_timestep": 281,
     "modulation_strength": 10.0,
@@ -141,7 +143,7 @@ def run(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
 
     outputs: dict[str, dict[str, Any]] = {}
     for method in METHODS:
-        seg = EmerDiffSegmenter(pretrained=args.pretrained, method=method, **model_args)
+        seg = EmerDiffSegmenter(pretrained=args.pretrained, method=method, **model_args).to(args.device)
         labels, lowres, emb, seconds = [], [], [], 0.0
         for start in tqdm(range(0, len(images), args.batch_size), desc=method):
             batch = (
@@ -173,6 +175,7 @@ def run(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
         "num_images": args.num_images,
         "model": args.pretrained,
         "model_args": model_args,
+        "device": args.device,
         "same_lowres_masks": same,
     }
     global_preds: dict[str, list[np.ndarray]] = {}
@@ -248,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="global ids for the dataset-wide protocol (default: number of classes)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default) or cuda; on cuda add --model.dtype float32 to match CPU numbers (auto = bf16)",
+    )
     p.add_argument("--json", default=None, help="write the results here as JSON")
     p.add_argument("--examples", default=None, help="save an example grid PNG here (image | gt | methods)")
     return p

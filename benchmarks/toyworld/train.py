@@ -8,9 +8,12 @@ Two phases, each bounded by wall time so that the whole run fits about an hour o
 Checkpoints go to ``--work-dir`` every few minutes and the diffusers folder ``--out`` is re-exported at each
 checkpoint, so an interrupted run still leaves a usable model. ``--resume`` continues from the work dir.
 
-Example (the shipped model):
+Example (CPU, about an hour):
     HF_HUB_OFFLINE=1 nohup python benchmarks/toyworld/train.py --vae-minutes 12 --unet-minutes 50 \
         > /tmp/toyworld_train.log 2>&1 &
+On a GPU (`--device cuda`, the default where CUDA is available) both phases run under bf16 autocast on whole
+images and whole latents with larger batches; see benchmarks/toyworld/RESULTS.md for the command that built the
+shipped model.
 """
 
 from __future__ import annotations
@@ -155,22 +158,71 @@ def empty_prompt_embedding(tokenizer, text_encoder) -> torch.Tensor:
 # --- data ---------------------------------------------------------------------------------------------------
 
 
-def training_images(work: Path, num: int, size: int) -> np.ndarray:
+def _scene_images(job: tuple[int, int, int]) -> np.ndarray:
+    start, stop, size = job
+    return np.stack([s.image for s in toyworld.generate_scenes(stop - start, TRAIN_SEED, size, start=start)])
+
+
+def training_images(work: Path, num: int, size: int, workers: int = 1) -> np.ndarray:
     """uint8 N×H×W×3 training scenes (seed TRAIN_SEED), cached in the work dir."""
     path = work / f"train_images_{num}_{size}.npy"
     if path.exists():
         return np.load(path)
-    from tqdm.auto import tqdm
+    if workers > 1:
+        # scene i depends only on (TRAIN_SEED, i), so any split gives the same array
+        from multiprocessing import get_context
 
-    images = np.stack(
-        [s.image for s in tqdm(toyworld.generate_scenes(num, TRAIN_SEED, size), total=num, desc="scenes")]
-    )
+        bounds = np.linspace(0, num, 4 * workers + 1).astype(int)
+        jobs = [(int(a), int(b), size) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+        with get_context("spawn").Pool(workers) as pool:
+            images = np.concatenate(pool.map(_scene_images, jobs))
+    else:
+        from tqdm.auto import tqdm
+
+        images = np.stack(
+            [s.image for s in tqdm(toyworld.generate_scenes(num, TRAIN_SEED, size), total=num, desc="scenes")]
+        )
     np.save(path, images)
     return images
 
 
-def to_tensor(batch: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+def to_tensor(batch: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 N×H×W×3 (numpy, or a tensor already on the device) → float N×3×H×W in [-1, 1]."""
+    batch = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(batch)
+    return batch.to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def image_source(images: np.ndarray, device: torch.device) -> np.ndarray | torch.Tensor:
+    """Where training batches are cut from: the numpy array on CPU, one uint8 tensor on the GPU."""
+    return torch.from_numpy(images).to(device) if device.type == "cuda" else images
+
+
+def take(source, idx: np.ndarray, y0: int, x0: int, c: int) -> np.ndarray | torch.Tensor:
+    if isinstance(source, torch.Tensor):
+        return source[torch.as_tensor(idx, device=source.device), y0 : y0 + c, x0 : x0 + c]
+    return source[idx, y0 : y0 + c, x0 : x0 + c]
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (fp32 master weights), nothing on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def lr_at(args, base: float, step: int, elapsed: float, budget: float) -> float:
+    """Linear warm-up over 50 steps, then constant or (--lr-decay) cosine to 10% over the phase's time budget."""
+    lr = base * min(1.0, (step + 1) / 50)
+    if args.lr_decay:
+        frac = min(1.0, elapsed / max(budget, 1e-9))
+        lr *= 0.1 + 0.45 * (1 + math.cos(math.pi * frac))
+    return lr
+
+
+def vae_config(args) -> dict:
+    return dict(VAE_CONFIG, block_out_channels=tuple(args.vae_channels))
+
+
+def unet_config(args) -> dict:
+    return dict(UNET_CONFIG, block_out_channels=tuple(args.unet_channels))
 
 
 # --- phases -------------------------------------------------------------------------------------------------
@@ -180,8 +232,10 @@ def train_vae(args, work: Path, images: np.ndarray):
     from diffusers import AutoencoderKL
 
     ckpt = work / "vae.pt"
+    device = args.device
     torch.manual_seed(args.seed)
-    vae = AutoencoderKL(**VAE_CONFIG)
+    vae = AutoencoderKL(**vae_config(args)).to(device)
+    source = image_source(images, device)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     step, spent = 0, 0.0
     if args.resume and ckpt.exists():
@@ -199,22 +253,25 @@ def train_vae(args, work: Path, images: np.ndarray):
     while time.time() - t0 < budget:
         idx = rng.integers(0, len(images), size=args.vae_batch)
         c = args.vae_crop
-        y0, x0 = rng.integers(0, args.size - c + 1, size=2)
-        x = to_tensor(images[idx, y0 : y0 + c, x0 : x0 + c])
+        y0, x0 = (int(v) for v in rng.integers(0, args.size - c + 1, size=2))
+        x = to_tensor(take(source, idx, y0, x0, c), device)
         if rng.random() < 0.5:
             x = x.flip(-1)
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
+        for g in opt.param_groups:
+            g["lr"] = lr_at(args, args.vae_lr, step, time.time() - t0, budget)
+        with autocast(device):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample.float()
         mse = F.mse_loss(rec, x)
         l1 = (rec - x).abs().mean()
-        kl = post.kl().mean() / (x.shape[-1] * x.shape[-2])
+        kl = post.kl().float().mean() / (x.shape[-1] * x.shape[-2])
         loss = mse + 0.2 * l1 + args.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
         ema_loss = mse.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * mse.item()
-        if step % 25 == 0:
+        if step % args.log_every == 0:
             psnr = 10 * math.log10(4.0 / max(ema_loss, 1e-8))
             log(
                 f"VAE step {step} mse {ema_loss:.4f} (PSNR {psnr:.1f} dB) kl {kl.item():.3f} t {time.time() - t0:.0f}s"
@@ -256,10 +313,11 @@ def encode_latents(
     from tqdm.auto import tqdm
 
     means, stds = [], []
+    device = next(vae.parameters()).device
     for i in tqdm(range(0, len(images), batch), desc="encode"):
-        dist = vae.encode(to_tensor(images[i : i + batch])).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
+        dist = vae.encode(to_tensor(images[i : i + batch], device)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
     mean, std = torch.cat(means), torch.cat(stds)
     sample = mean + std * torch.randn_like(mean)
     scale = float(1.0 / sample.std())
@@ -272,8 +330,14 @@ def train_unet(args, work: Path, latent_mean, latent_std, scale, cond, export_fn
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     ckpt = work / "unet.pt"
+    device = args.device
     torch.manual_seed(args.seed)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    if args.init_from:  # fine-tune the exported (EMA) weights
+        unet = UNet2DConditionModel.from_pretrained(args.init_from / "unet").to(device)
+        args.unet_channels = tuple(unet.config.block_out_channels)
+        log(f"U-Net initialised from {args.init_from}")
+    else:
+        unet = UNet2DConditionModel(**unet_config(args)).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     sched = DDPMScheduler(**SCHEDULER_CONFIG)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.0)
@@ -285,7 +349,8 @@ def train_unet(args, work: Path, latent_mean, latent_std, scale, cond, export_fn
         opt.load_state_dict(state["opt"])
         step, spent = state["step"], state["seconds"]
     log(f"U-Net params: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M, starting at step {step}")
-    alphas_cumprod = sched.alphas_cumprod
+    alphas_cumprod = sched.alphas_cumprod.to(device)
+    latent_mean, latent_std, cond = latent_mean.to(device), latent_std.to(device), cond.to(device)
     rng = torch.Generator().manual_seed(args.seed + step)
     budget = args.unet_minutes * 60
     t0, last_ckpt, ema_loss = time.time() - spent, time.time(), None
@@ -311,22 +376,23 @@ def train_unet(args, work: Path, latent_mean, latent_std, scale, cond, export_fn
         side = latent_mean.shape[-1]
         crop = args.unet_crop if float(torch.rand((), generator=rng)) >= args.unet_full_fraction else side
         batch = args.unet_batch if crop < side else max(1, args.unet_batch // 4)
-        idx = torch.randint(0, len(latent_mean), (batch,), generator=rng)
+        idx = torch.randint(0, len(latent_mean), (batch,), generator=rng).to(device)
         oy, ox = (int(v) for v in torch.randint(0, side - crop + 1, (2,), generator=rng))
         mean = latent_mean[idx, :, oy : oy + crop, ox : ox + crop]
         std = latent_std[idx, :, oy : oy + crop, ox : ox + crop]
-        x0 = (mean + std * torch.randn(mean.shape, generator=rng)) * scale
-        flip = torch.rand(batch, generator=rng) < 0.5
+        x0 = (mean + std * torch.randn(mean.shape, generator=rng).to(device)) * scale
+        flip = (torch.rand(batch, generator=rng) < 0.5).to(device)
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        t = torch.randint(0, 1000, (batch,), generator=rng)
-        noise = torch.randn(x0.shape, generator=rng)
+        t = torch.randint(0, 1000, (batch,), generator=rng).to(device)
+        noise = torch.randn(x0.shape, generator=rng).to(device)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        lr = args.unet_lr * min(1.0, (step + 1) / 50)
+        lr = lr_at(args, args.unet_lr, step, time.time() - t0, budget)
         for g in opt.param_groups:
             g["lr"] = lr
-        pred = unet(xt, t, encoder_hidden_states=cond.expand(batch, -1, -1)).sample
-        loss = F.mse_loss(pred, noise)
+        with autocast(device):
+            pred = unet(xt, t, encoder_hidden_states=cond.expand(batch, -1, -1)).sample
+        loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -337,7 +403,7 @@ def train_unet(args, work: Path, latent_mean, latent_std, scale, cond, export_fn
             for pe, p in zip(ema.parameters(), unet.parameters(), strict=True):
                 pe.lerp_(p, 1 - decay)
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
-        if step % 25 == 0:
+        if step % args.log_every == 0:
             log(f"U-Net step {step} loss {ema_loss:.4f} t {time.time() - t0:.0f}s")
         if time.time() - last_ckpt > args.ckpt_minutes * 60:
             save()
@@ -354,6 +420,7 @@ def export(out: Path, vae, unet, tokenizer, text_encoder, scale: float, info: di
     from diffusers import DDPMScheduler
 
     out.mkdir(parents=True, exist_ok=True)
+    vae, unet = copy.deepcopy(vae).cpu(), copy.deepcopy(unet).cpu()
     vae.register_to_config(scaling_factor=scale)
     vae.save_pretrained(out / "vae")
     unet.save_pretrained(out / "unet")
@@ -388,6 +455,9 @@ def train_decoder(args, work: Path, images: np.ndarray, vae, latent_mean, latent
     """Fine-tune the VAE decoder on the frozen encoder's latents: the latent space (and so the U-Net trained on
     it) is unchanged, only the pictures decoded from it get sharper. Can run beside the U-Net phase."""
     ckpt = work / "vae_decoder.pt"
+    device = args.device
+    vae = vae.to(device)
+    source = image_source(images, device)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
     step, spent = 0, 0.0
@@ -412,11 +482,15 @@ def train_decoder(args, work: Path, images: np.ndarray, vae, latent_mean, latent
     while time.time() - t0 < budget:
         idx = rng.integers(0, len(images), size=args.vae_batch)
         ly, lx = rng.integers(0, latent_mean.shape[-1] - c + 1, size=2)
+        ly, lx = int(ly), int(lx)
         z = latent_mean[idx, :, ly : ly + c, lx : lx + c]
-        z = z + latent_std[idx, :, ly : ly + c, lx : lx + c] * torch.randn_like(z)
+        z = (z + latent_std[idx, :, ly : ly + c, lx : lx + c] * torch.randn_like(z)).to(device)
         py, px = ly * factor, lx * factor
-        x = to_tensor(images[idx, py : py + c * factor, px : px + c * factor])
-        rec = vae.decode(z).sample
+        x = to_tensor(take(source, idx, py, px, c * factor), device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(args, args.decoder_lr, step, time.time() - t0, budget)
+        with autocast(device):
+            rec = vae.decode(z).sample.float()
         mse = F.mse_loss(rec, x)
         loss = mse + 0.2 * (rec - x).abs().mean()
         opt.zero_grad(set_to_none=True)
@@ -424,7 +498,7 @@ def train_decoder(args, work: Path, images: np.ndarray, vae, latent_mean, latent
         opt.step()
         step += 1
         ema_loss = mse.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * mse.item()
-        if step % 25 == 0:
+        if step % args.log_every == 0:
             psnr = 10 * math.log10(4.0 / max(ema_loss, 1e-8))
             log(f"decoder step {step} mse {ema_loss:.4f} (PSNR {psnr:.1f} dB) t {time.time() - t0:.0f}s")
         if time.time() - last_ckpt > args.ckpt_minutes * 60:
@@ -435,21 +509,25 @@ def train_decoder(args, work: Path, images: np.ndarray, vae, latent_mean, latent
     return vae.eval()
 
 
-def load_vae(work: Path):
+def load_vae(args, work: Path):
     """The trained VAE, with the fine-tuned decoder when that phase has run."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL(**VAE_CONFIG)
+    vae = AutoencoderKL(**vae_config(args))
     path = work / "vae_decoder.pt" if (work / "vae_decoder.pt").exists() else work / "vae.pt"
     vae.load_state_dict(torch.load(path, map_location="cpu")["model"])
-    return vae.eval()
+    return vae.to(args.device).eval()
 
 
 @torch.no_grad()
 def reconstruction_psnr(vae, images: np.ndarray) -> float:
-    x = to_tensor(images[:64])
+    x = to_tensor(images[:64], next(vae.parameters()).device)
     rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     return 10 * math.log10(4.0 / F.mse_loss(rec, x).item())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in str(text).split(","))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -492,19 +570,40 @@ def main(argv: list[str] | None = None) -> int:
         "(may run beside a U-Net run sharing --work-dir). export: write --out from the checkpoints in --work-dir",
     )
     p.add_argument("--resume", action="store_true", help="continue from checkpoints in --work-dir")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=1, help="processes generating the training scenes")
+    p.add_argument(
+        "--vae-channels", type=_ints, default=VAE_CONFIG["block_out_channels"], help="e.g. 16,32,64"
+    )
+    p.add_argument(
+        "--unet-channels", type=_ints, default=UNET_CONFIG["block_out_channels"], help="e.g. 16,32,64,64"
+    )
+    p.add_argument(
+        "--lr-decay", action="store_true", help="cosine learning-rate decay over each phase's budget"
+    )
+    p.add_argument("--log-every", type=int, default=25, help="log every N steps")
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="an exported folder: keep its VAE, fine-tune its U-Net (skips the VAE phase)",
+    )
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    args.device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
     log(f"args: {vars(args)}")
-    images = training_images(work, args.num_train, args.size)
+    images = training_images(work, args.num_train, args.size, args.workers)
     log(f"{len(images)} training scenes")
     tokenizer, text_encoder = build_text_side(work)
     cond = empty_prompt_embedding(tokenizer, text_encoder)
 
     if args.phase == "decoder":
-        vae = load_vae(work)
+        vae = load_vae(args, work)
         mean, std, _ = encode_latents(vae, images, work)
         train_decoder(args, work, images, vae, mean, std)
         log(f"VAE reconstruction PSNR on 64 training scenes: {reconstruction_psnr(vae, images):.2f} dB")
@@ -512,18 +611,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase == "export":
         from diffusers import UNet2DConditionModel
 
-        vae = load_vae(work)
+        vae = load_vae(args, work)
         mean, std, scale = encode_latents(vae, images, work)
         state = torch.load(work / "unet.pt", map_location="cpu")
-        unet = UNet2DConditionModel(**UNET_CONFIG)
+        unet = UNet2DConditionModel(**unet_config(args))
         unet.load_state_dict(state["ema"] if state["step"] >= 500 else state["model"])
         psnr = reconstruction_psnr(vae, images)
         log(f"VAE reconstruction PSNR on 64 training scenes: {psnr:.2f} dB")
     else:
-        vae = train_vae(args, work, images)
+        if args.init_from:  # continue from an exported model: its VAE (and latent scale) stay as they are
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_pretrained(args.init_from / "vae").to(args.device).eval()
+            args.vae_channels = tuple(vae.config.block_out_channels)
+        else:
+            vae = train_vae(args, work, images)
         psnr = reconstruction_psnr(vae, images)
         log(f"VAE reconstruction PSNR on 64 training scenes: {psnr:.2f} dB")
         mean, std, scale = encode_latents(vae, images, work)
+        if args.init_from:
+            scale = float(vae.config.scaling_factor)
 
     def export_fn(unet, step):
         info = {

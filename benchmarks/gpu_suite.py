@@ -1,0 +1,313 @@
+"""The GPU measurements of issue 5 in one process (one model build, one lease): SD 1.x architecture with random
+weights (`sd14-arch`, same FLOPs as the real model), 512², K = 20, paper schedule.
+
+    python benchmarks/gpu_suite.py --out results/            # writes suite.jsonl, profile.txt; prints a table
+
+Variants share one backbone (built once; it takes most of a minute) and run in a fixed order, each on the same
+synthetic images; a variant that fails is recorded and the suite goes on. Rows:
+  peak            bf16 matmul peak of this device (8192³, the denominator of every "% of peak")
+  unet_only       one U-Net call at several batch sizes: the ceiling the branches can reach
+  decode_only     the VAE decoder at batch 4
+  default         the default path (auto chunk), timings per phase, peak memory
+  profile         torch.profiler of one default image: time by kernel family
+  naive           the naive reference path on 1 image; its labels against the default path's
+  chunk_N         max_branch_batch N: time and peak memory
+  <option>        each fast option, with its label agreement against `default` on the same images
+Random weights make label agreement a measure of numerical sensitivity, not of quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from throughput import bf16_matmul_peak, count_unet_calls, flops_per_image, synthetic_images  # noqa: E402
+
+import emerdiff_pl.segmenter as segmenter_module  # noqa: E402
+from emerdiff_pl import EmerDiffSegmenter  # noqa: E402
+
+UNET_TFLOP_512 = 0.803  # per U-Net call at 512², batch 1 (benchmarks/cost_model.py)
+DECODE_TFLOP_512 = 2.515
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def cuda_time(fn, repeats: int = 3) -> float:
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+class Suite:
+    def __init__(self, args):
+        self.args, self.rows, self.t0 = args, [], time.time()
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # --smoke: the same code on CPU with tiny-random at 64², K 4, to catch errors before a GPU lease
+        self.base = (
+            dict(
+                pretrained="tiny-random", resolution=64, num_masks=4, dtype="float32", max_branch_batch="auto"
+            )
+            if args.smoke
+            else dict(
+                pretrained="sd14-arch",
+                resolution=512,
+                num_masks=20,
+                dtype="bfloat16",
+                max_branch_batch="auto",
+            )
+        )
+        self.dtype = torch.float32 if args.smoke else torch.bfloat16
+        self.images = synthetic_images(args.num_images, self.base["resolution"], seed=1)
+        self.reference_labels: torch.Tensor | None = None
+        self.default_flops: float | None = None
+        # every variant reuses the one backbone: load_backbone is cached for this process
+        segmenter_module.load_backbone = functools.cache(segmenter_module.load_backbone)
+
+    def record(self, row: dict) -> None:
+        row["elapsed_s"] = round(time.time() - self.t0, 1)
+        self.rows.append(row)
+        with open(self.out / "suite.jsonl", "a") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+        print(json.dumps(row, default=float), flush=True)
+
+    def over_budget(self) -> bool:
+        return time.time() - self.t0 > self.args.budget_s
+
+    def model(self, **overrides) -> EmerDiffSegmenter:
+        kwargs = dict(self.base, **overrides)
+        model = EmerDiffSegmenter(**kwargs).to(self.device)
+        model.configure_model()
+        channels_last = kwargs.get("channels_last", True)
+        for module in (model.unet, model.vae):  # shared modules: set the layout each variant asks for
+            module.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        return model
+
+    def timed(self, name: str, n: int, naive: bool = False, batch: int = 1, flops=None, **overrides) -> None:
+        if self.over_budget():
+            self.record({"name": name, "skipped": "suite time budget spent"})
+            return
+        try:
+            model = self.model(**overrides)
+            if not naive:  # warm-up: probe, allocator, compile (the naive path runs after `default`, warm)
+                model.segment(self.images[:1])
+            if flops is None:
+                flops = flops_per_image(model, self.images[:1], naive)
+            counts = count_unet_calls(model)
+            sync()
+            (torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None)
+            labels, phases = [], {}
+            start = time.perf_counter()
+            for chunk in self.images[:n].split(1 if naive else batch):
+                result = model.segment(chunk, naive=naive)
+                labels.append(result.labels)
+                for k, v in result.timings.items():
+                    phases[k] = phases.get(k, 0.0) + v / n
+            sync()
+            seconds = time.perf_counter() - start
+            labels = torch.cat(labels)
+            row = {
+                "name": name,
+                "overrides": {k: str(v) for k, v in overrides.items()},
+                "images": n,
+                "batch": batch,
+                "s_per_image": seconds / n,
+                "phases_s_per_image": phases,
+                "unet_calls_per_s": counts["calls"] / seconds,
+                "unet_rows_per_s": counts["rows"] / seconds,
+                "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9
+                if torch.cuda.is_available()
+                else 0.0,
+                "tflop_per_image": flops / 1e12,
+                "tflop_per_s": flops * n / seconds / 1e12,
+                "pct_of_peak": 100 * flops * n / seconds / 1e12 / self.peak,
+                "attention_backend": model.backend,
+            }
+            if name == "default":
+                self.reference_labels, self.default_flops = labels, flops
+            elif self.reference_labels is not None:
+                m = min(len(labels), len(self.reference_labels))
+                row["label_agreement_vs_default"] = (
+                    (labels[:m] == self.reference_labels[:m]).float().mean().item()
+                )
+            self.record(row)
+            del model
+        except Exception as err:  # record and go on: one broken option must not cost the lease
+            self.record(
+                {
+                    "name": name,
+                    "error": f"{type(err).__name__}: {err}",
+                    "trace": traceback.format_exc()[-2000:],
+                }
+            )
+        (torch.cuda.empty_cache() if torch.cuda.is_available() else None)
+
+    def ceilings(self) -> None:
+        self.peak = bf16_matmul_peak(
+            self.device, n=512 if self.args.smoke else 8192, repeats=2 if self.args.smoke else 20
+        )
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        self.record({"name": "peak", "device": name, "bf16_matmul_tflops": self.peak})
+        model = self.model()
+        emb = model.backbone.empty_prompt_embedding().to(self.device, self.dtype)
+        side = self.base["resolution"] // 8 if not self.args.smoke else 32
+        unet, vae = model.unet, model.vae
+        for batch in (1, 8, 16, 32):
+            x = torch.randn(
+                batch, model.unet.config.in_channels, side, side, device=self.device, dtype=self.dtype
+            )
+            x = x.contiguous(memory_format=torch.channels_last)
+            t = torch.full((batch,), 281, device=self.device)
+            with torch.no_grad():
+                cond = emb.expand(batch, -1, -1)
+                s = cuda_time(functools.partial(unet, x, t, encoder_hidden_states=cond))
+            tflops = batch * UNET_TFLOP_512 / s
+            self.record(
+                {
+                    "name": f"unet_only_b{batch}",
+                    "ms_per_call": 1e3 * s,
+                    "tflop_per_s": tflops,
+                    "pct_of_peak": 100 * tflops / self.peak,
+                    "backend": "diffusers default processors",
+                }
+            )
+        z = torch.randn(4, model.unet.config.in_channels, side, side, device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            s = cuda_time(functools.partial(vae.decode, z))
+        self.record(
+            {
+                "name": "decode_only_b4",
+                "ms_per_image": 1e3 * s / 4,
+                "tflop_per_s": 4 * DECODE_TFLOP_512 / s,
+                "pct_of_peak": 100 * 4 * DECODE_TFLOP_512 / s / self.peak,
+            }
+        )
+        (torch.cuda.empty_cache() if torch.cuda.is_available() else None)
+
+    def profile(self) -> None:
+        if self.over_budget():
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        model = self.model()
+        model.segment(self.images[:1])
+        activities = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]
+        with profile(activities=activities) as prof:
+            model.segment(self.images[:1])
+            sync()
+        events = prof.key_averages()
+
+        def device_us(e) -> float:
+            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+
+        families = {  # first match wins: cuDNN convolutions are implicit GEMMs named like matmuls
+            "attention (flash/mem-efficient/fmha)": ("flash", "fmha", "attention", "efficient", "cutlassF"),
+            "convolution": ("conv", "implicit", "winograd", "dgrad", "fprop"),
+            "group/layer norm": ("norm", "welford", "rowwisemoments"),
+            "matmul (gemm)": ("gemm", "nvjet", "xmma", "cutlass", "sm90", "matmul"),
+        }
+        totals: dict[str, float] = {}
+        for e in events:
+            us, name = device_us(e), e.key.lower()
+            family = next(
+                (f for f, keys in families.items() if any(k in name for k in keys)),
+                "other (elementwise, copies)",
+            )
+            totals[family] = totals.get(family, 0.0) + us
+        all_us = sum(totals.values()) or 1.0
+        table = events.table(sort_by="self_cuda_time_total", row_limit=25)
+        (self.out / "profile.txt").write_text(table)
+        self.record(
+            {
+                "name": "profile",
+                "device_ms_per_image": all_us / 1e3,
+                "share_by_family": {
+                    k: round(100 * v / all_us, 1) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])
+                },
+            }
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="gpu_suite_out")
+    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--budget-s", type=float, default=420, help="skip the remaining variants after this")
+    p.add_argument("--skip", default="", help="comma-separated variant names to skip")
+    p.add_argument("--only", default="", help="comma-separated variant names to run, in this order")
+    p.add_argument("--compile", action="store_true", help="also time compile=True (slow to build)")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny-random: check the script, measure nothing")
+    args = p.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    suite = Suite(args)
+    suite.ceilings()
+    n, few = args.num_images, min(2, args.num_images)
+    plan = [
+        ("default", dict(n=n)),
+        ("chunk_8", dict(n=few, flops="default", max_branch_batch=8)),
+        ("chunk_40", dict(n=few, flops="default", max_branch_batch=40)),
+        ("naive", dict(n=1, naive=True)),
+        ("chunk_24", dict(n=few, flops="default", max_branch_batch=24)),
+        ("batch_2_images", dict(n=few, batch=2, flops="default")),
+        ("float16", dict(n=few, flops="default", dtype="float16")),
+        ("no_channels_last", dict(n=few, flops="default", channels_last=False)),
+        ("xformers", dict(n=few, flops="default", attention_backend="xformers")),
+        ("one_sided", dict(n=few, difference="one_sided")),
+        ("steps_after_modulation_5", dict(n=few, steps_after_modulation=5)),
+        (
+            "taesd_decoder",
+            dict(n=few, decoder="taesd", taesd_model="tiny-random" if args.smoke else "sd14-arch"),
+        ),
+    ]
+    if args.compile:
+        plan.append(("compile", dict(n=few, flops="default", compile=True)))
+    if args.only:
+        if "compile" in args.only.split(",") and not args.compile:
+            plan.append(("compile", dict(n=few, flops="default", compile=True)))
+        by_name = dict(plan)
+        plan = [(name, by_name[name]) for name in args.only.split(",") if name in by_name]
+    for name, kw in plan:
+        if name in skip:
+            continue
+        if kw.get("flops") == "default":
+            kw["flops"] = suite.default_flops
+        suite.timed(name, **kw)
+        if name == "default" and "profile" not in skip:  # early: what holds the default path back
+            try:
+                suite.profile()
+            except Exception as err:
+                suite.record({"name": "profile", "error": f"{type(err).__name__}: {err}"})
+    print("\nname | s/image | TFLOP/s | % of peak | peak GB | agreement")
+    for r in suite.rows:
+        if "s_per_image" in r:
+            print(
+                f"{r['name']} | {r['s_per_image']:.3f} | {r['tflop_per_s']:.0f} | {r['pct_of_peak']:.1f} | "
+                f"{r['peak_memory_gb']:.1f} | {r.get('label_agreement_vs_default', '')}"
+            )
+        elif "error" in r or "skipped" in r:
+            print(f"{r['name']} | {r.get('error') or r.get('skipped')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
