@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from throughput import bf16_matmul_peak, count_unet_calls, flops_per_image, synthetic_images  # noqa: E402
+from throughput import bf16_matmul_peak, flops_per_image, run_path, sync, synthetic_images  # noqa: E402
 
 import emerdiff_pl.segmenter as segmenter_module  # noqa: E402
 from emerdiff_pl import EmerDiffSegmenter  # noqa: E402
@@ -41,18 +41,13 @@ UNET_TFLOP_512 = 0.803  # per U-Net call at 512², batch 1 (benchmarks/cost_mode
 DECODE_TFLOP_512 = 2.515
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def cuda_time(fn, repeats: int = 3) -> float:
+def cuda_time(fn, device: torch.device, repeats: int = 3) -> float:
     fn()
-    sync()
+    sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    sync()
+    sync(device)
     return (time.perf_counter() - start) / repeats
 
 
@@ -112,34 +107,20 @@ class Suite:
                 model.segment(self.images[:1])
             if flops is None:
                 flops = flops_per_image(model, self.images[:1], naive)
-            counts = count_unet_calls(model)
-            sync()
-            (torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None)
-            labels, phases = [], {}
-            start = time.perf_counter()
-            for chunk in self.images[:n].split(1 if naive else batch):
-                result = model.segment(chunk, naive=naive)
-                labels.append(result.labels)
-                for k, v in result.timings.items():
-                    phases[k] = phases.get(k, 0.0) + v / n
-            sync()
-            seconds = time.perf_counter() - start
-            labels = torch.cat(labels)
+            result, labels = run_path(model, self.images[:n], naive, batch, flops, name)
             row = {
                 "name": name,
                 "overrides": {k: str(v) for k, v in overrides.items()},
                 "images": n,
                 "batch": batch,
-                "s_per_image": seconds / n,
-                "phases_s_per_image": phases,
-                "unet_calls_per_s": counts["calls"] / seconds,
-                "unet_rows_per_s": counts["rows"] / seconds,
-                "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9
-                if torch.cuda.is_available()
-                else 0.0,
+                "s_per_image": result.seconds / n,
+                "phases_s_per_image": result.phases_s_per_image,
+                "unet_calls_per_s": result.unet_calls_per_s,
+                "unet_rows_per_s": result.unet_rows_per_s,
+                "peak_memory_gb": result.peak_memory_gb,
                 "tflop_per_image": flops / 1e12,
-                "tflop_per_s": flops * n / seconds / 1e12,
-                "pct_of_peak": 100 * flops * n / seconds / 1e12 / self.peak,
+                "tflop_per_s": result.tflops_per_s,
+                "pct_of_peak": 100 * result.tflops_per_s / self.peak,
                 "attention_backend": model.backend,
             }
             if name == "default":
@@ -179,7 +160,7 @@ class Suite:
             t = torch.full((batch,), 281, device=self.device)
             with torch.no_grad():
                 cond = emb.expand(batch, -1, -1)
-                s = cuda_time(functools.partial(unet, x, t, encoder_hidden_states=cond))
+                s = cuda_time(functools.partial(unet, x, t, encoder_hidden_states=cond), self.device)
             tflops = batch * UNET_TFLOP_512 / s
             self.record(
                 {
@@ -192,7 +173,7 @@ class Suite:
             )
         z = torch.randn(4, model.unet.config.in_channels, side, side, device=self.device, dtype=self.dtype)
         with torch.no_grad():
-            s = cuda_time(functools.partial(vae.decode, z))
+            s = cuda_time(functools.partial(vae.decode, z), self.device)
         self.record(
             {
                 "name": "decode_only_b4",
@@ -213,7 +194,7 @@ class Suite:
         activities = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]
         with profile(activities=activities) as prof:
             model.segment(self.images[:1])
-            sync()
+            sync(self.device)
         events = prof.key_averages()
 
         def device_us(e) -> float:

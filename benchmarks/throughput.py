@@ -44,6 +44,7 @@ class PathResult:
     peak_memory_gb: float
     flops_per_image: float
     tflops_per_s: float
+    phases_s_per_image: dict[str, float]  # SegmentationResult.timings, averaged over the images
 
 
 class PeakRSS:
@@ -127,18 +128,20 @@ def run_path(
 ):
     device = model.device
     counts = count_unet_calls(model)
-    labels = []
+    labels, phases, n = [], {}, len(images)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with PeakRSS() as rss:
         sync(device)
         start = time.perf_counter()
         for chunk in images.split(1 if naive else batch):
-            labels.append(model.segment(chunk, naive=naive).labels)
+            result = model.segment(chunk, naive=naive)
+            labels.append(result.labels)
+            for phase, s in result.timings.items():
+                phases[phase] = phases.get(phase, 0.0) + s / n
         sync(device)
         seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
-    n = len(images)
     result = PathResult(
         name=name or ("naive" if naive else "default"),
         seconds=seconds,
@@ -148,6 +151,7 @@ def run_path(
         peak_memory_gb=peak / 1e9,
         flops_per_image=flops,
         tflops_per_s=flops * n / seconds / 1e12,
+        phases_s_per_image=phases,
     )
     return result, torch.cat(labels)
 
