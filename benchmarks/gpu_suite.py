@@ -9,6 +9,8 @@ synthetic images; a variant that fails is recorded and the suite goes on. Rows:
   unet_only       one U-Net call at several batch sizes: the ceiling the branches can reach
   decode_only     the VAE decoder at batch 4
   default         the default path (auto chunk), timings per phase, peak memory
+  stock_layout    default with the stock GroupNorm / Transformer2DModel (NCHW round trips; emerdiff_pl.layout)
+  no_prefix_sharing  default without computing the t_m call's prefix once per image (emerdiff_pl.prefix)
   profile         torch.profiler of one default image: time by kernel family
   naive           the naive reference path on 1 image; its labels against the default path's
   chunk_N         max_branch_batch N: time and peak memory
@@ -32,13 +34,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from diffusers.models.transformers.transformer_2d import Transformer2DModel  # noqa: E402
 from throughput import bf16_matmul_peak, flops_per_image, run_path, sync, synthetic_images  # noqa: E402
 
 import emerdiff_pl.segmenter as segmenter_module  # noqa: E402
 from emerdiff_pl import EmerDiffSegmenter  # noqa: E402
+from emerdiff_pl.layout import ChannelsLastGroupNorm, ChannelsLastTransformer2DModel  # noqa: E402
 
 UNET_TFLOP_512 = 0.803  # per U-Net call at 512², batch 1 (benchmarks/cost_model.py)
 DECODE_TFLOP_512 = 2.515
+
+
+def use_stock_layout(modules, stock: bool) -> None:
+    """Swap emerdiff_pl.layout's NHWC-keeping GroupNorm / Transformer2DModel classes for the stock ones, or back."""
+    pairs = [
+        (ChannelsLastGroupNorm, torch.nn.GroupNorm),
+        (ChannelsLastTransformer2DModel, Transformer2DModel),
+    ]
+    for module in modules:
+        for child in module.modules():
+            for fast, plain in pairs:
+                if type(child) in (fast, plain):
+                    child.__class__ = plain if stock else fast
 
 
 def cuda_time(fn, device: torch.device, repeats: int = 3) -> float:
@@ -88,13 +105,23 @@ class Suite:
     def over_budget(self) -> bool:
         return time.time() - self.t0 > self.args.budget_s
 
-    def model(self, **overrides) -> EmerDiffSegmenter:
+    def model(
+        self, prefix_sharing: bool = True, stock_layout: bool = False, **overrides
+    ) -> EmerDiffSegmenter:
+        """A segmenter on the shared backbone; `prefix_sharing=False` and `stock_layout=True` undo one
+        optimization of the default path each (the before-measurements of emerdiff_pl.prefix / .layout)."""
         kwargs = dict(self.base, **overrides)
         model = EmerDiffSegmenter(**kwargs).to(self.device)
         model.configure_model()
         channels_last = kwargs.get("channels_last", True)
         for module in (model.unet, model.vae):  # shared modules: set the layout each variant asks for
             module.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        model._ensure_ready()  # converts the (shared) modules again, whatever an earlier variant left
+        if stock_layout:
+            use_stock_layout((model.unet, model.vae), True)
+        if not prefix_sharing:
+            model.prefix.remove()
+            model.prefix = None
         return model
 
     def timed(self, name: str, n: int, naive: bool = False, batch: int = 1, flops=None, **overrides) -> None:
@@ -131,6 +158,8 @@ class Suite:
                     (labels[:m] == self.reference_labels[:m]).float().mean().item()
                 )
             self.record(row)
+            if model.prefix is not None:  # the backbone is shared: leave no hooks to the next variant
+                model.prefix.remove()
             del model
         except Exception as err:  # record and go on: one broken option must not cost the lease
             self.record(
@@ -152,7 +181,8 @@ class Suite:
         emb = model.backbone.empty_prompt_embedding().to(self.device, self.dtype)
         side = self.base["resolution"] // 8 if not self.args.smoke else 32
         unet, vae = model.unet, model.vae
-        for batch in (1, 8, 16, 32):
+        for batch, stock in ((1, False), (8, False), (16, False), (32, False), (16, True)):
+            use_stock_layout((unet,), stock)
             x = torch.randn(
                 batch, model.unet.config.in_channels, side, side, device=self.device, dtype=self.dtype
             )
@@ -164,24 +194,28 @@ class Suite:
             tflops = batch * UNET_TFLOP_512 / s
             self.record(
                 {
-                    "name": f"unet_only_b{batch}",
+                    "name": f"unet_only_b{batch}" + ("_stock_layout" if stock else ""),
                     "ms_per_call": 1e3 * s,
                     "tflop_per_s": tflops,
                     "pct_of_peak": 100 * tflops / self.peak,
                     "backend": "diffusers default processors",
                 }
             )
+        use_stock_layout((unet,), False)
         z = torch.randn(4, model.unet.config.in_channels, side, side, device=self.device, dtype=self.dtype)
-        with torch.no_grad():
-            s = cuda_time(functools.partial(vae.decode, z), self.device)
-        self.record(
-            {
-                "name": "decode_only_b4",
-                "ms_per_image": 1e3 * s / 4,
-                "tflop_per_s": 4 * DECODE_TFLOP_512 / s,
-                "pct_of_peak": 100 * 4 * DECODE_TFLOP_512 / s / self.peak,
-            }
-        )
+        for stock in (False, True):
+            use_stock_layout((vae,), stock)
+            with torch.no_grad():
+                s = cuda_time(functools.partial(vae.decode, z), self.device)
+            self.record(
+                {
+                    "name": "decode_only_b4" + ("_stock_layout" if stock else ""),
+                    "ms_per_image": 1e3 * s / 4,
+                    "tflop_per_s": 4 * DECODE_TFLOP_512 / s,
+                    "pct_of_peak": 100 * 4 * DECODE_TFLOP_512 / s / self.peak,
+                }
+            )
+        use_stock_layout((vae,), False)
         (torch.cuda.empty_cache() if torch.cuda.is_available() else None)
 
     def profile(self) -> None:
@@ -245,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     n, few = args.num_images, min(2, args.num_images)
     plan = [
         ("default", dict(n=n)),
+        ("stock_layout", dict(n=few, flops="default", stock_layout=True)),
+        ("no_prefix_sharing", dict(n=few, prefix_sharing=False)),
         ("chunk_8", dict(n=few, flops="default", max_branch_batch=8)),
         ("chunk_40", dict(n=few, flops="default", max_branch_batch=40)),
         ("naive", dict(n=1, naive=True)),

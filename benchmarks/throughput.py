@@ -184,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
     parser.add_argument(
+        "--prefix-sharing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compute the t_m call's layers before the modulated one once per image (model: always, eager)",
+    )
+    parser.add_argument(
         "--decoder", default="vae", choices=["vae", "taesd"], help="decoder of the branch images"
     )
     parser.add_argument(
@@ -232,11 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     model = EmerDiffSegmenter(**common, **options).to(torch.device(args.device))
     model.configure_model()
+    if not args.prefix_sharing:
+        model.prefix.remove()  # the measurement before emerdiff_pl.prefix existed
+        model.prefix = None
     device = model.device
     images = synthetic_images(num_images, resolution)
     print(
         f"model={args.model} device={device} resolution={resolution} K={args.num_masks} images={num_images} "
-        f"dtype={model.compute_dtype()} threads={torch.get_num_threads()} "
+        f"dtype={model.compute_dtype()} threads={torch.get_num_threads()} prefix_sharing={args.prefix_sharing} "
         + " ".join(f"{k}={v}" for k, v in options.items() if k != "taesd_model" or args.decoder == "taesd"),
         flush=True,
     )

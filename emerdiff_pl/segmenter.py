@@ -26,6 +26,8 @@ from emerdiff_pl.inversion import (
     sample_trajectory_latents,
 )
 from emerdiff_pl.kmeans import batched_kmeans, canonical_order, relabel
+from emerdiff_pl.layout import to_channels_last
+from emerdiff_pl.prefix import PrefixSharing
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +80,10 @@ class EmerDiffSegmenter(L.LightningModule):
             32 on CPU).
         dtype: `auto` = bfloat16 on CUDA, float32 on CPU.
         attention_backend: `auto` = xformers where a probe call on the device works, else PyTorch SDPA.
-        channels_last: on CUDA, U-Net and decoders in channels-last memory format (faster convolutions).
-            No effect on CPU.
-        compile: `torch.compile` the U-Net (default mode; the batch size turns symbolic when it first
-            changes). The first images pay the compilation; `segment(naive=True)` always runs eagerly.
+        channels_last: on CUDA, U-Net and decoders in channels-last memory format (faster convolutions), with
+            GroupNorms that keep activations channels-last in eager mode (emerdiff_pl.layout). No effect on CPU.
+        compile: `torch.compile` the U-Net and the branch decoder (default mode; the batch size turns symbolic
+            when it first changes). The first images pay the compilation; `segment(naive=True)` runs eagerly.
         decoder: what decodes the branch images into difference maps: the model's `vae`, or `taesd` (a tiny
             distilled decoder, far cheaper than the VAE's); images are always encoded by the VAE.
         taesd_model: the AutoencoderTiny of `decoder: taesd`: hub id, local folder, `tiny-random` (random
@@ -132,6 +134,7 @@ class EmerDiffSegmenter(L.LightningModule):
         self.backend: attn.Backend | None = None
         self._channels_last_device: torch.device | None = None
         self.store = attn.AttentionStore(feature_layer, modulated_layer)
+        self.prefix: PrefixSharing | None = None
 
     # ------------------------------------------------------------------ setup
     def _target_device(self) -> torch.device:
@@ -157,8 +160,14 @@ class EmerDiffSegmenter(L.LightningModule):
             self.taesd = load_taesd(hp.taesd_model, backbone.vae, self.compute_dtype())
         if hp.compile:
             # compiled lazily at the first call; dynamic=None: a second batch size recompiles once with a
-            # symbolic batch (latent H, W stay static), so chunks of any size share one graph
+            # symbolic batch (latent H, W stay static), so chunks of any size share one graph. The branch
+            # decoder too: 2K decodes per image, as memory-bound in eager mode as the U-Net (BENCHMARKS.md)
             self.unet.compile(dynamic=None)
+            (self.taesd or backbone.vae).decoder.compile(dynamic=None)
+        elif hp.method == "emerdiff":
+            # eager only: compiled, the t_m call would need a second graph for ≈ 3 % of the U-Net FLOPs
+            self.prefix = PrefixSharing(self.unet, self.store)
+            self.prefix.trace_next_call()  # the first reference call; the module order is static
         self.backbone = backbone
         self.schedule = NoiseSchedule(backbone.scheduler)
         self.timesteps = denoising_timesteps(
@@ -187,8 +196,12 @@ class EmerDiffSegmenter(L.LightningModule):
             and self._channels_last_device != self.device
         ):
             for module in (self.unet, self.vae, self.taesd):
-                if module is not None:
+                if module is None:
+                    continue
+                if self.hparams.compile:  # inductor picks its own layouts for the norms it fuses
                     module.to(memory_format=torch.channels_last)
+                else:  # eager: also keep the GroupNorm outputs NHWC (no layout copies around each norm)
+                    to_channels_last(module)
             self._channels_last_device = self.device
 
     def run_info(self) -> dict[str, Any]:
@@ -343,9 +356,16 @@ class EmerDiffSegmenter(L.LightningModule):
                 path.append(x)
             store.begin_step(s)
             t_prev = steps[s + 1] if s + 1 < len(steps) else -1
-            x = self.schedule.step(
-                x, self._unet(x, t, emb).float(), t, t_prev, trajectory.noise[s][store.rows]
-            )
+            if (
+                s == 0 and self.prefix is not None
+            ):  # rows of one image are identical up to the modulated layer
+                self.prefix.share(store.rows)
+            try:
+                eps = self._unet(x, t, emb).float()
+            finally:
+                if self.prefix is not None:
+                    self.prefix.stop()
+            x = self.schedule.step(x, eps, t, t_prev, trajectory.noise[s][store.rows])
         return x
 
     def _difference_maps(self, trajectory: Trajectory, lowres: Tensor) -> Tensor:

@@ -97,7 +97,8 @@ def test_bad_decoder_settings_are_clear_errors(tmp_path):
 @pytest.mark.slow
 def test_compiled_unet_traces_one_graph_for_every_step(vae_labels, monkeypatch):
     """Dynamo only (backend `eager`): Inductor's code generation takes minutes on a CPU. Three denoising
-    steps, two segment() calls: one graph for the reference pass, one for the branches; naive stays eager."""
+    steps, two segment() calls: one U-Net graph for the reference pass, one for the branches, one for the
+    branch decoder; naive stays eager."""
     compile_module = torch.nn.Module.compile
     monkeypatch.setattr(
         torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="eager", **kw)
@@ -113,7 +114,7 @@ def test_compiled_unet_traces_one_graph_for_every_step(vae_labels, monkeypatch):
         assert counters["stats"]["unique_graphs"] == graphs  # naive=True ran eagerly
     finally:
         torch._dynamo.reset()
-    assert graphs == 2, f"{graphs} graphs for 3 steps × (reference, branches)"
+    assert graphs == 3, f"{graphs} graphs for 3 steps × (reference, branches) + decoder"
     for result in (first, second, naive):
         assert torch.equal(result.lowres_labels, vae_labels[0]) and torch.equal(result.labels, vae_labels[1])
 

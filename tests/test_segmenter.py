@@ -227,3 +227,38 @@ def test_out_of_memory_halves_the_chunk_and_keeps_the_labels(model, monkeypatch)
     result = model.segment(images)
     assert sizes[0] == 8 and sizes[1] == 4 and set(sizes[2:]) == {2}
     assert torch.equal(result.labels, expected.labels)
+
+
+def test_prefix_modules_are_the_outermost_calls_finished_before_the_layer():
+    from emerdiff_pl.prefix import prefix_modules
+
+    calls = "+ +a +a.x -a.x -a +b +b.y -b.y +b.z +b.z.q -b.z.q -b.z +c -c +a -a -b -"
+    order = [("enter" if e[0] == "+" else "exit", e[1:]) for e in calls.split()]
+    # `a` runs again after `c` starts, so only its child a.x is shared; b is still running at c, its first
+    # two children are done (b.z.q is inside b.z)
+    assert prefix_modules(order, "c") == ["a.x", "b.y", "b.z"]
+
+
+def test_tm_call_runs_the_prefix_once_per_image_with_the_same_maps(model):
+    images = smooth_images(2, seed=5)
+    trajectory, features = _trajectory(model, images)
+    lowres, _ = model._lowres_masks(features, [0, 0], tuple(trajectory.latents.shape[-2:]))
+    names = list(model.prefix.modules)
+    assert {"conv_in", "down_blocks.0", "mid_block", "up_blocks.0"} <= set(names)
+    assert names[-1] == model.hparams.modulated_layer.removesuffix("attn2") + "norm2"
+    seen: list[int] = []
+    hook = model.unet.conv_in.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    try:
+        shared = model._difference_maps(trajectory, lowres)
+        rows = 2 * 2 * model.hparams.num_masks
+        assert seen == [2] + [rows] * (len(trajectory.timesteps) - 1)  # t_m: one row per image
+        model.prefix.remove()
+        trajectory, _ = _trajectory(model, images)  # _difference_maps consumed the records
+        seen.clear()
+        plain = model._difference_maps(trajectory, lowres)
+        assert seen == [rows] * len(trajectory.timesteps)
+    finally:
+        hook.remove()
+        model.prefix.hook(names)
+    assert plain.abs().mean() > 1e-3
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,92 @@
+"""Channels-last execution on CUDA: weights in NHWC, and no layout copies between the layers.
+
+Converting the weights is not enough. PyTorch's GroupNorm on CUDA makes its input NCHW-contiguous
+(`group_norm` calls `input.contiguous()`; only the CPU kernel reads channels-last) and returns NCHW, so every
+norm → conv pair pays two strided copies: NHWC → NCHW for the norm, NCHW → NHWC for the next cuDNN
+convolution; and diffusers' Transformer2DModel ends with `.permute(0, 3, 1, 2).contiguous()`, two more per
+attention block. Those copies were 26.5 % of the device time of a default image on an H200 (BENCHMARKS.md).
+`ChannelsLastGroupNorm` normalizes the NHWC view itself: per-channel sums (float32 accumulation, one read
+each), per-group statistics from them, one scale-and-shift pass written straight into an NHWC output;
+`ChannelsLastTransformer2DModel` hands `proj_out` the NHWC view it already has.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from torch import Tensor, nn
+
+
+def group_norm_channels_last(
+    x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """F.group_norm for a channels-last (N, C, H, W) tensor; the result is channels-last, in x's dtype."""
+    n, c, h, w = x.shape
+    y = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view: x is NHWC in memory
+    channel_mean = torch.mean(y, dim=1, dtype=torch.float32)  # (n, c)
+    channel_square = torch.linalg.vector_norm(y, 2, dim=1, dtype=torch.float32).square() / (h * w)
+    mean = channel_mean.view(n, groups, -1).mean(-1, keepdim=True)  # (n, groups, 1)
+    var = (channel_square.view(n, groups, -1).mean(-1, keepdim=True) - mean.square()).clamp_min(0)
+    gain = torch.rsqrt(var + eps).expand(n, groups, c // groups)
+    if weight is not None:
+        gain = gain * weight.float().view(1, groups, -1)
+    shift = -mean * gain
+    if bias is not None:
+        shift = shift + bias.float().view(1, groups, -1)
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    torch.addcmul(
+        shift.reshape(n, 1, c), y, gain.reshape(n, 1, c), out=out.permute(0, 2, 3, 1).view(n, h * w, c)
+    )
+    return out
+
+
+class ChannelsLastGroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that leaves channels-last 4-D inputs channels-last; any other input takes the stock path."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _nhwc(x):
+            return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def _nhwc(x: Tensor) -> bool:
+    return x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+class ChannelsLastTransformer2DModel(Transformer2DModel):
+    """Transformer2DModel whose output stays NHWC: the token grid (B, H·W, C) is already NHWC memory, so the
+    permuted view goes to `proj_out` and the residual add as it is, instead of through `.contiguous()`."""
+
+    def _get_output_for_continuous_inputs(
+        self, hidden_states, residual, batch_size, height, width, inner_dim
+    ):
+        if not _nhwc(residual):
+            return super()._get_output_for_continuous_inputs(
+                hidden_states, residual, batch_size, height, width, inner_dim
+            )
+        if self.use_linear_projection:
+            hidden_states = self.proj_out(hidden_states)
+        hidden_states = hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
+        if not self.use_linear_projection:
+            hidden_states = self.proj_out(hidden_states)
+        return hidden_states + residual
+
+
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """Weights to channels-last; every nn.GroupNorm and Transformer2DModel to its NHWC-keeping subclass (the
+    same module, parameters and hooks: only the class changes)."""
+    module.to(memory_format=torch.channels_last)
+    swaps = {nn.GroupNorm: ChannelsLastGroupNorm, Transformer2DModel: ChannelsLastTransformer2DModel}
+    for child in module.modules():
+        if type(child) in swaps:
+            child.__class__ = swaps[type(child)]
+    return module
+
+
+__all__ = [
+    "ChannelsLastGroupNorm",
+    "ChannelsLastTransformer2DModel",
+    "group_norm_channels_last",
+    "to_channels_last",
+]
