@@ -11,6 +11,7 @@ synthetic images; a variant that fails is recorded and the suite goes on. Rows:
   default         the default path (auto chunk), timings per phase, peak memory
   stock_layout    default with the stock GroupNorm / Transformer2DModel (NCHW round trips; emerdiff_pl.layout)
   no_prefix_sharing  default without computing the t_m call's prefix once per image (emerdiff_pl.prefix)
+  reference_step_by_step  default with one batch-1 U-Net call per reference step (the inversion unbatched)
   profile         torch.profiler of one default image: time by kernel family
   naive           the naive reference path on 1 image; its labels against the default path's
   chunk_N         max_branch_batch N: time and peak memory
@@ -124,10 +125,22 @@ class Suite:
             model.prefix = None
         return model
 
-    def timed(self, name: str, n: int, naive: bool = False, batch: int = 1, flops=None, **overrides) -> None:
+    def timed(
+        self,
+        name: str,
+        n: int,
+        naive: bool = False,
+        batch: int = 1,
+        flops=None,
+        batched_reference: bool = True,
+        **overrides,
+    ) -> None:
         if self.over_budget():
             self.record({"name": name, "skipped": "suite time budget spent"})
             return
+        real_invert = segmenter_module.invert
+        if not batched_reference:  # one U-Net call per reference step, as before the batched inversion
+            segmenter_module.invert = lambda *args: real_invert(*args[:4], steps_per_call=1)
         try:
             model = self.model(**overrides)
             if not naive:  # warm-up: probe, allocator, compile (the naive path runs after `default`, warm)
@@ -137,7 +150,8 @@ class Suite:
             result, labels = run_path(model, self.images[:n], naive, batch, flops, name)
             row = {
                 "name": name,
-                "overrides": {k: str(v) for k, v in overrides.items()},
+                "overrides": {k: str(v) for k, v in overrides.items()}
+                | ({} if batched_reference else {"batched_reference": "False"}),
                 "images": n,
                 "batch": batch,
                 "s_per_image": result.seconds / n,
@@ -169,6 +183,8 @@ class Suite:
                     "trace": traceback.format_exc()[-2000:],
                 }
             )
+        finally:
+            segmenter_module.invert = real_invert
         (torch.cuda.empty_cache() if torch.cuda.is_available() else None)
 
     def ceilings(self) -> None:
@@ -281,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         ("default", dict(n=n)),
         ("stock_layout", dict(n=few, flops="default", stock_layout=True)),
         ("no_prefix_sharing", dict(n=few, prefix_sharing=False)),
+        ("reference_step_by_step", dict(n=few, flops="default", batched_reference=False)),
         ("chunk_8", dict(n=few, flops="default", max_branch_batch=8)),
         ("chunk_40", dict(n=few, flops="default", max_branch_batch=40)),
         ("naive", dict(n=1, naive=True)),

@@ -81,6 +81,7 @@ class AttentionStore:
         self.modulation: Tensor | None = None  # (rows, N), added to every channel at step 0
         self.step_modulation: Tensor | None = None  # what this call adds: `modulation` at step 0, zeros after
         self.tokens: dict[str, int] = {}  # layer → number of spatial tokens, seen by the last capture
+        self._steps: list[int] = []  # the steps of a batched recording (begin_steps)
 
     def begin_step(self, step: int) -> None:
         """Point the processors at `step`; set `rows` and `modulation` first."""
@@ -88,6 +89,18 @@ class AttentionStore:
         self.step_modulation = self.modulation
         if self.modulation is not None and step != 0:  # adding zeros keeps one graph for every step
             self.step_modulation = torch.zeros_like(self.modulation)
+
+    def begin_steps(self, steps: list[int]) -> None:
+        """Record several steps run as one batch (rows step-major, the same images in each); `end_steps` files
+        each step's share of the records under saved[step]."""
+        self.current, self.step_modulation, self._steps = {}, None, steps
+
+    def end_steps(self) -> None:
+        n = len(self._steps)
+        for name, tensors in self.current.items():
+            for i, step in enumerate(self._steps):
+                self.saved.setdefault(step, {})[name] = tuple(t.unflatten(0, (n, -1))[i] for t in tensors)
+        self.current = {}
 
     def clear(self) -> None:
         self.saved.clear()

@@ -14,8 +14,9 @@ import torch
 from diffusers import DDPMScheduler
 from torch import Tensor
 
-# unet_fn(x_t, t, step_index) -> model output (ε or v); step_index indexes Trajectory.timesteps
-UNetFn = Callable[[Tensor, int, int], Tensor]
+# unet_fn(x, t, steps) -> model output (ε or v): x stacks the latents of `steps` (indices into
+# Trajectory.timesteps) step-major, len(steps)·B rows; t holds each row's timestep
+UNetFn = Callable[[Tensor, Tensor, list[int]], Tensor]
 
 
 @dataclass
@@ -102,16 +103,32 @@ def sample_trajectory_latents(
 
 
 @torch.no_grad()
-def invert(unet_fn: UNetFn, schedule: NoiseSchedule, latents: Tensor, timesteps: Sequence[int]) -> Trajectory:
+def invert(
+    unet_fn: UNetFn,
+    schedule: NoiseSchedule,
+    latents: Tensor,
+    timesteps: Sequence[int],
+    steps_per_call: int = 1,
+) -> Trajectory:
     """Edit-friendly noise for given trajectory latents (S, B, C, h, w): solve each z_t so that the unmodified
-    run from x_t steps exactly onto x_{t'}; `final` is where that run lands at t = 0."""
+    run from x_t steps exactly onto x_{t'}; `final` is where that run lands at t = 0.
+
+    Every x_t is given, so the U-Net calls of different steps are independent: `steps_per_call` steps go
+    through the U-Net as one batch (a batch-1 call leaves a GPU mostly idle)."""
+    num_steps, batch = latents.shape[:2]
+    outputs = []
+    for start in range(0, num_steps, max(1, steps_per_call)):
+        steps = list(range(start, min(num_steps, start + max(1, steps_per_call))))
+        t = torch.tensor([timesteps[s] for s in steps], device=latents.device).repeat_interleave(batch)
+        out = unet_fn(latents[steps[0] : steps[-1] + 1].flatten(0, 1), t, steps)
+        outputs.append(out.float().unflatten(0, (len(steps), batch)))
+    model_outputs = torch.cat(outputs)
     noise = torch.zeros_like(latents)
     final = latents[-1]
     for s, t in enumerate(timesteps):
         t_prev = timesteps[s + 1] if s + 1 < len(timesteps) else -1
-        model_output = unet_fn(latents[s], t, s).float()
         mean = schedule.posterior_mean(
-            latents[s], schedule.predicted_x0(latents[s], model_output, t), t, t_prev
+            latents[s], schedule.predicted_x0(latents[s], model_outputs[s], t), t, t_prev
         )
         sigma = schedule.posterior_std(t, t_prev)
         if t_prev < 0:

@@ -227,9 +227,10 @@ class EmerDiffSegmenter(L.LightningModule):
         }
 
     # ------------------------------------------------------------------ method
-    def _unet(self, x: Tensor, t: int, emb: Tensor) -> Tensor:
+    def _unet(self, x: Tensor, t: int | Tensor, emb: Tensor) -> Tensor:
+        """One U-Net call; `t` is one timestep for every row or a tensor with each row's."""
         dtype = self.unet.dtype
-        timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        timestep = t.to(x.device) if isinstance(t, Tensor) else torch.full((x.shape[0],), t, device=x.device)
         return self.unet(x.to(dtype), timestep, encoder_hidden_states=emb.expand(x.shape[0], -1, -1)).sample
 
     def encode(self, images: Tensor) -> Tensor:
@@ -270,11 +271,26 @@ class EmerDiffSegmenter(L.LightningModule):
         trajectory = None
         if hp.method == "emerdiff":
 
-            def unet_fn(x: Tensor, t: int, s: int) -> Tensor:
-                store.begin_step(s)
-                return self._unet(x, t, emb)
+            def unet_fn(x: Tensor, t: Tensor, steps: list[int]) -> Tensor:
+                store.begin_steps(steps)
+                out = self._unet(x, t, emb)
+                store.end_steps()
+                return out
 
-            trajectory = invert(unet_fn, self.schedule, latents, self.timesteps)
+            # the steps are independent: as many per U-Net call as a branch chunk has rows
+            steps_per_call = min(len(self.timesteps), max(1, self._rows_per_call() // x0.shape[0]))
+            while True:
+                try:
+                    trajectory = invert(unet_fn, self.schedule, latents, self.timesteps, steps_per_call)
+                    break
+                except torch.OutOfMemoryError:
+                    if steps_per_call == 1:
+                        raise
+                    log.warning(
+                        "CUDA out of memory with %d reference steps per call; halving", steps_per_call
+                    )
+                    steps_per_call //= 2
+                    torch.cuda.empty_cache()
         if trajectory is not None and hp.feature_timestep in self.timesteps:
             feature_step = self.timesteps.index(hp.feature_timestep)
         else:  # lowres_bilinear, or t_f outside the denoised span: one call at t_f
@@ -310,15 +326,18 @@ class EmerDiffSegmenter(L.LightningModule):
         embeddings = (one_hot.transpose(1, 2) @ features) / one_hot.sum(1).clamp_min(1).unsqueeze(-1)
         return labels.view(batch, h, w), embeddings
 
-    def _chunk_size(self, total: int) -> int:
+    def _rows_per_call(self) -> int:
+        """U-Net rows per call: `max_branch_batch`, or for `auto` from free CUDA memory (32 on CPU)."""
         setting = self.hparams.max_branch_batch
-        if setting == "auto":
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                setting = auto_branch_rows(free, self.hparams.resolution, self.unet.dtype.itemsize)
-            else:
-                setting = 32
-        chunk = min(setting, total)
+        if setting != "auto":
+            return setting
+        if self.device.type != "cuda":
+            return 32
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return auto_branch_rows(free, self.hparams.resolution, self.unet.dtype.itemsize)
+
+    def _chunk_size(self, total: int) -> int:
+        chunk = min(self._rows_per_call(), total)
         if self.hparams.difference == "two_sided":
             chunk = max(2, chunk - chunk % 2)  # keep both signs of a mask in the same chunk
         return chunk

@@ -262,3 +262,54 @@ def test_tm_call_runs_the_prefix_once_per_image_with_the_same_maps(model):
         model.prefix.hook(names)
     assert plain.abs().mean() > 1e-3
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_reference_steps_in_one_batch_equal_one_call_per_step(model, monkeypatch):
+    images = smooth_images(2, seed=10)
+    runs = {}
+    for rows in (2, "auto"):  # 2 rows per call: one step of the 2 images per call; auto: every step at once
+        model.hparams.max_branch_batch = rows
+        calls: list[int] = []
+        real_unet = model._unet
+        monkeypatch.setattr(
+            model,
+            "_unet",
+            lambda x, t, emb, calls=calls, real=real_unet: calls.append(len(x)) or real(x, t, emb),
+        )
+        try:
+            trajectory, features = _trajectory(model, images)
+        finally:
+            model.hparams.max_branch_batch = "auto"
+            monkeypatch.undo()
+        runs[rows] = (calls, trajectory, features, {s: dict(r) for s, r in model.store.saved.items()})
+    steps = len(runs[2][1].timesteps)
+    assert runs[2][0] == [2] * steps and runs["auto"][0] == [2 * steps]
+    (_, one, f_one, saved_one), (_, batched, f_batched, saved_batched) = runs[2], runs["auto"]
+    torch.testing.assert_close(batched.noise, one.noise, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batched.final, one.final, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(f_batched, f_one, atol=1e-5, rtol=1e-5)
+    assert saved_batched.keys() == saved_one.keys() == set(range(steps))
+    for s in range(steps):  # every step's recorded Q, K and cross-attention outputs, filed under that step
+        assert saved_batched[s].keys() == saved_one[s].keys()
+        for name, tensors in saved_one[s].items():
+            for a, b in zip(saved_batched[s][name], tensors, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_out_of_memory_in_the_reference_pass_halves_the_steps_per_call(model, monkeypatch):
+    images = smooth_images(1, seed=11)
+    expected = model.segment(images)
+    real_unet, sizes = model._unet, []
+
+    def unet_on_a_small_gpu(x, t, emb):
+        sizes.append(len(x))
+        if len(x) > 1 and isinstance(t, torch.Tensor):  # reference calls carry per-row timesteps
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_unet(x, t, emb)
+
+    monkeypatch.setattr(model, "_unet", unet_on_a_small_gpu)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    result = model.segment(images)
+    steps = len(model.timesteps)
+    assert sizes[:2] == [steps, steps // 2] and sizes.count(1) >= steps
+    assert torch.equal(result.labels, expected.labels)
