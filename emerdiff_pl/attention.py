@@ -143,7 +143,9 @@ class _Processor:
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + residual
-        return out / attn.rescale_output_factor
+        if attn.rescale_output_factor != 1:  # SD's is 1: skip a pass over the output
+            out = out / attn.rescale_output_factor
+        return out
 
 
 class CaptureProcessor(_Processor):
