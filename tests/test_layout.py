@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -41,16 +42,22 @@ def test_channels_last_group_norm_in_bfloat16_is_as_close_as_the_stock_kernel():
     assert (got.float() - exact).abs().max() <= 1.5 * (stock.float() - exact).abs().max()
 
 
-def _unet_and_inputs():
+def _unet_and_inputs(linear_projection: bool = False):
     unet = tiny_random_components()["unet"].eval()
+    if linear_projection:  # SD 2.x: proj_in / proj_out are Linear layers on the token grid
+        config = {k: v for k, v in unet.config.items() if k != "_use_default_values"}
+        config["use_linear_projection"] = True
+        unet = UNet2DConditionModel.from_config(config).eval()
+    assert isinstance(unet.down_blocks[0].attentions[0].proj_in, nn.Linear) == linear_projection
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 4, 32, 32, generator=g)
     emb = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
     return unet, x, emb
 
 
-def test_to_channels_last_keeps_the_unet_output_and_swaps_every_norm_and_transformer():
-    unet, x, emb = _unet_and_inputs()
+@pytest.mark.parametrize("linear_projection", [False, True], ids=["sd1_conv_proj", "sd2_linear_proj"])
+def test_to_channels_last_keeps_the_unet_output_and_swaps_every_norm_and_transformer(linear_projection):
+    unet, x, emb = _unet_and_inputs(linear_projection)
     norms = sum(type(m) is nn.GroupNorm for m in unet.modules())
     with torch.no_grad():
         expected = unet(x, 10, encoder_hidden_states=emb).sample
@@ -76,11 +83,12 @@ class _CountLayoutWork(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_channels_last_unet_runs_without_layout_copies():
+@pytest.mark.parametrize("linear_projection", [False, True], ids=["sd1_conv_proj", "sd2_linear_proj"])
+def test_channels_last_unet_runs_without_layout_copies(linear_projection):
     # on CUDA the stock GroupNorm kernel makes its input NCHW-contiguous (a strided copy) and returns NCHW,
     # which the next channels-last convolution copies back; Transformer2DModel's `.contiguous()` does the
     # same on the CPU too. After to_channels_last neither happens anywhere in the U-Net.
-    unet, x, emb = _unet_and_inputs()
+    unet, x, emb = _unet_and_inputs(linear_projection)
     x = x.to(memory_format=torch.channels_last)
     with torch.no_grad():
         with _CountLayoutWork() as stock:
