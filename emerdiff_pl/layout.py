@@ -12,6 +12,8 @@ each), per-group statistics from them, one scale-and-shift pass written straight
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -73,11 +75,23 @@ class ChannelsLastTransformer2DModel(Transformer2DModel):
         return hidden_states + residual
 
 
+def _overrides_match() -> bool:
+    """Does this diffusers' Transformer2DModel end in the method (and signature) the subclass overrides?"""
+    method = getattr(Transformer2DModel, "_get_output_for_continuous_inputs", None)
+    if method is None:
+        return False
+    expected = ["self", "hidden_states", "residual", "batch_size", "height", "width", "inner_dim"]
+    return list(inspect.signature(method).parameters) == expected
+
+
 def to_channels_last(module: nn.Module) -> nn.Module:
     """Weights to channels-last; every nn.GroupNorm and Transformer2DModel to its NHWC-keeping subclass (the
-    same module, parameters and hooks: only the class changes)."""
+    same module, parameters and hooks: only the class changes). A diffusers whose Transformer2DModel no longer
+    has the overridden method keeps its own (correct, with the layout copies)."""
     module.to(memory_format=torch.channels_last)
-    swaps = {nn.GroupNorm: ChannelsLastGroupNorm, Transformer2DModel: ChannelsLastTransformer2DModel}
+    swaps: dict[type, type] = {nn.GroupNorm: ChannelsLastGroupNorm}
+    if _overrides_match():
+        swaps[Transformer2DModel] = ChannelsLastTransformer2DModel
     for child in module.modules():
         if type(child) in swaps:
             child.__class__ = swaps[type(child)]

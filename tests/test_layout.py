@@ -15,7 +15,12 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from emerdiff_pl.backbone import tiny_random_components
-from emerdiff_pl.layout import ChannelsLastGroupNorm, group_norm_channels_last, to_channels_last
+from emerdiff_pl.layout import (
+    ChannelsLastGroupNorm,
+    ChannelsLastTransformer2DModel,
+    group_norm_channels_last,
+    to_channels_last,
+)
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -100,3 +105,16 @@ def test_channels_last_unet_runs_without_layout_copies(linear_projection):
     assert stock.layout_copies == transformers > 4
     assert swapped.group_norms == swapped.layout_copies == 0
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_an_unknown_diffusers_transformer_keeps_its_own_output_method(monkeypatch):
+    # a diffusers release that reshapes this private method must not get the override (wrong arguments)
+    def changed(self, hidden_states, residual, batch_size, height, width):  # one argument fewer
+        raise AssertionError("the stock method is not what this test runs")
+
+    monkeypatch.setattr(Transformer2DModel, "_get_output_for_continuous_inputs", changed)
+    unet, _, _ = _unet_and_inputs()
+    to_channels_last(unet)
+    assert any(type(m) is Transformer2DModel for m in unet.modules())
+    assert not any(type(m) is ChannelsLastTransformer2DModel for m in unet.modules())
+    assert any(type(m) is ChannelsLastGroupNorm for m in unet.modules())
