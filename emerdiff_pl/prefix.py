@@ -3,8 +3,8 @@
 At t_m every branch row of an image starts from the same x_{t_m} and nothing differs between rows until the
 modulated layer adds ±λ·M_i, so every module that finishes before that layer starts (conv_in, the time
 embedding, the down blocks, the mid block, the first up blocks, …) gets identical rows. `PrefixSharing` learns
-that set of modules from the execution order of one U-Net call, then, while `active` is set, runs each of
-them on one representative row per image and expands the result back to every row. Forward hooks, not a
+that set of modules from the execution order of one U-Net call; between `share(rows)` and `stop()` it runs
+each of them on one representative row per image and expands the result back to every row. Forward hooks, not a
 patched forward: the U-Net is diffusers' own, and the hooks do nothing outside the t_m call.
 """
 
@@ -51,9 +51,8 @@ class PrefixSharing:
         self.modules: list[str] = []
         self._handles: list[RemovableHandle] = []
         self._tracer: list[RemovableHandle] = []
-        self._plan: tuple[Tensor, Tensor] | None = (
-            None  # (representative row per image, row → its image slot)
-        )
+        # while sharing: (the first row of each image, each row's image slot)
+        self._plan: tuple[Tensor, Tensor] | None = None
         self._saved_rows: Tensor | None = None  # store.rows while a prefix module runs reduced
         self._reduced = False  # a prefix module is running on one row per image
 

@@ -80,8 +80,9 @@ class EmerDiffSegmenter(L.LightningModule):
             32 on CPU).
         dtype: `auto` = bfloat16 on CUDA, float32 on CPU.
         attention_backend: `auto` = xformers where a probe call on the device works, else PyTorch SDPA.
-        channels_last: on CUDA, U-Net and decoders in channels-last memory format (faster convolutions), with
-            GroupNorms that keep activations channels-last in eager mode (emerdiff_pl.layout). No effect on CPU.
+        channels_last: on CUDA, U-Net and decoders in channels-last memory format (faster convolutions); in
+            eager mode GroupNorms and attention blocks keep activations channels-last too (emerdiff_pl.layout).
+            No effect on CPU.
         compile: `torch.compile` the U-Net and the branch decoder (default mode; the batch size turns symbolic
             when it first changes). The first images pay the compilation; `segment(naive=True)` runs eagerly.
         decoder: what decodes the branch images into difference maps: the model's `vae`, or `taesd` (a tiny
@@ -375,9 +376,8 @@ class EmerDiffSegmenter(L.LightningModule):
                 path.append(x)
             store.begin_step(s)
             t_prev = steps[s + 1] if s + 1 < len(steps) else -1
-            if (
-                s == 0 and self.prefix is not None
-            ):  # rows of one image are identical up to the modulated layer
+            # at t_m the rows of one image are identical up to the modulated layer
+            if s == 0 and self.prefix is not None:
                 self.prefix.share(store.rows)
             try:
                 eps = self._unet(x, t, emb).float()
