@@ -36,7 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from diffusers.models.transformers.transformer_2d import Transformer2DModel  # noqa: E402
-from throughput import bf16_matmul_peak, flops_per_image, run_path, sync, synthetic_images  # noqa: E402
+from throughput import (  # noqa: E402
+    bf16_matmul_peak,
+    drop_prefix_sharing,
+    flops_per_image,
+    run_path,
+    sync,
+    synthetic_images,
+)
 
 import emerdiff_pl.segmenter as segmenter_module  # noqa: E402
 from emerdiff_pl import EmerDiffSegmenter  # noqa: E402
@@ -121,8 +128,7 @@ class Suite:
         if stock_layout:
             use_stock_layout((model.unet, model.vae), True)
         if not prefix_sharing:
-            model.prefix.remove()
-            model.prefix = None
+            drop_prefix_sharing(model)
         return model
 
     def timed(
@@ -172,8 +178,7 @@ class Suite:
                     (labels[:m] == self.reference_labels[:m]).float().mean().item()
                 )
             self.record(row)
-            if model.prefix is not None:  # the backbone is shared: leave no hooks to the next variant
-                model.prefix.remove()
+            drop_prefix_sharing(model)  # the backbone is shared: leave no hooks to the next variant
             del model
         except Exception as err:  # record and go on: one broken option must not cost the lease
             self.record(

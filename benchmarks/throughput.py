@@ -123,6 +123,13 @@ def flops_per_image(model: EmerDiffSegmenter, image: torch.Tensor, naive: bool) 
     return counted[0] + (k - 1) * (counted[1] - counted[0])
 
 
+def drop_prefix_sharing(model: EmerDiffSegmenter) -> None:
+    """Undo emerdiff_pl.prefix on this model (its hooks, a pending trace included): the measurement before it."""
+    if model.prefix is not None:
+        model.prefix.remove()
+        model.prefix = None
+
+
 def run_path(
     model: EmerDiffSegmenter, images: torch.Tensor, naive: bool, batch: int, flops: float, name: str = ""
 ):
@@ -239,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     model = EmerDiffSegmenter(**common, **options).to(torch.device(args.device))
     model.configure_model()
     if not args.prefix_sharing:
-        model.prefix.remove()  # the measurement before emerdiff_pl.prefix existed
-        model.prefix = None
+        drop_prefix_sharing(model)
     device = model.device
     images = synthetic_images(num_images, resolution)
     print(

@@ -287,11 +287,7 @@ class EmerDiffSegmenter(L.LightningModule):
                 except torch.OutOfMemoryError:
                     if steps_per_call == 1:
                         raise
-                    log.warning(
-                        "CUDA out of memory with %d reference steps per call; halving", steps_per_call
-                    )
-                    steps_per_call //= 2
-                    torch.cuda.empty_cache()
+                    steps_per_call = _halve_after_oom(steps_per_call, "reference steps")
         if trajectory is not None and hp.feature_timestep in self.timesteps:
             feature_step = self.timesteps.index(hp.feature_timestep)
         else:  # lowres_bilinear, or t_f outside the denoised span: one call at t_f
@@ -377,12 +373,13 @@ class EmerDiffSegmenter(L.LightningModule):
             store.begin_step(s)
             t_prev = steps[s + 1] if s + 1 < len(steps) else -1
             # at t_m the rows of one image are identical up to the modulated layer
-            if s == 0 and self.prefix is not None:
+            sharing = s == 0 and self.prefix is not None
+            if sharing:
                 self.prefix.share(store.rows)
             try:
                 eps = self._unet(x, t, emb).float()
             finally:
-                if self.prefix is not None:
+                if sharing:
                     self.prefix.stop()
             x = self.schedule.step(x, eps, t, t_prev, trajectory.noise[s][store.rows])
         return x
@@ -409,7 +406,7 @@ class EmerDiffSegmenter(L.LightningModule):
             except torch.OutOfMemoryError:
                 if chunk <= (2 if hp.difference == "two_sided" else 1):
                     raise
-                chunk = self._halve(chunk)
+                chunk = _halve_after_oom(chunk, "branches", even=hp.difference == "two_sided")
                 continue
             if rgb_ref is None:  # rows alternate −, +
                 maps[start // 2 : (start + len(rgb)) // 2] = (rgb[0::2] - rgb[1::2]).norm(dim=1)
@@ -418,14 +415,6 @@ class EmerDiffSegmenter(L.LightningModule):
             start += len(rgb)
         store.clear()
         return maps.view(batch, k, size, size)
-
-    def _halve(self, chunk: int) -> int:
-        new = max(1, chunk // 2)
-        if self.hparams.difference == "two_sided":
-            new = max(2, new - new % 2)
-        log.warning("CUDA out of memory with %d branches per call; retrying with %d", chunk, new)
-        torch.cuda.empty_cache()
-        return new
 
     def _difference_maps_naive(self, trajectory: Trajectory, lowres: Tensor) -> Tensor:
         """Reference path: one mask and one sign at a time, explicit attention probabilities recomputed from the
@@ -561,6 +550,17 @@ class EmerDiffSegmenter(L.LightningModule):
             "seconds": time.perf_counter() - start,
             "timings": result.timings,
         }
+
+
+def _halve_after_oom(n: int, what: str, even: bool = False) -> int:
+    """After a CUDA OOM with `n` `what` per U-Net call: free the cache, return the halved count (even: ≥ 2,
+    keeping both signs of a mask together)."""
+    new = max(1, n // 2)
+    if even:
+        new = max(2, new - new % 2)
+    log.warning("CUDA out of memory with %d %s per call; retrying with %d", n, what, new)
+    torch.cuda.empty_cache()
+    return new
 
 
 def _token_grid(n: int, latent_hw: tuple[int, int]) -> tuple[int, int]:

@@ -18,14 +18,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # labels.py
 
 
 def main(argv: list[str] | None = None) -> int:
-    import numpy as np
     import torch
-    import yaml
+    from labels import held_out_batch
 
-    from emerdiff_pl import toyworld
     from emerdiff_pl.segmenter import EmerDiffSegmenter
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,10 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    config = yaml.safe_load((ROOT / "configs" / "toyworld.yaml").read_text())["model"]
+    config, images = held_out_batch(args.num_images, args.seed)
     config.update(dtype=args.dtype)
-    scenes = list(toyworld.generate_scenes(args.num_images, args.seed, 128))
-    images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255
     seeds = list(range(args.num_images))
     labels = {}
     for compiled in (False, True):

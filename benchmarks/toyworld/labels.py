@@ -20,10 +20,22 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
-def main(argv: list[str] | None = None) -> int:
+def held_out_batch(num_images: int, seed: int):
+    """configs/toyworld.yaml's model settings, and `num_images` held-out 128² scenes as (N, 3, H, W) in [0, 1]."""
     import numpy as np
     import torch
     import yaml
+
+    from emerdiff_pl import toyworld
+
+    config = yaml.safe_load((ROOT / "configs" / "toyworld.yaml").read_text())["model"]
+    scenes = list(toyworld.generate_scenes(num_images, seed, 128))
+    images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255
+    return config, images
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="write the labels (N, 128, 128) here")
@@ -46,13 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out:
         p.error("give --out FILE (label) or --compare A B")
 
-    from emerdiff_pl import toyworld
     from emerdiff_pl.segmenter import EmerDiffSegmenter
 
     torch.set_num_threads(args.threads)
-    config = yaml.safe_load((ROOT / "configs" / "toyworld.yaml").read_text())["model"]
-    scenes = list(toyworld.generate_scenes(args.num_images, args.seed, 128))
-    images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255
+    config, images = held_out_batch(args.num_images, args.seed)
     model = EmerDiffSegmenter(**config)
     start = time.perf_counter()
     labels = model.segment(images, seeds=list(range(args.num_images))).labels
