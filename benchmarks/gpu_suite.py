@@ -9,7 +9,10 @@ synthetic images; a variant that fails is recorded and the suite goes on. Rows:
   unet_only       one U-Net call at several batch sizes: the ceiling the branches can reach
   decode_only     the VAE decoder at batch 4
   default         the default path (auto chunk), timings per phase, peak memory
+  gn_micro        one GroupNorm at the U-Net's activation sizes: stock (NCHW input), the torch-op NHWC version,
+                  the Triton NHWC kernels (emerdiff_pl.triton_norm); time, GB/s and error against float32
   stock_layout    default with the stock GroupNorm / Transformer2DModel (NCHW round trips; emerdiff_pl.layout)
+  torch_group_norm  default with the NHWC GroupNorm in torch ops instead of the Triton kernels
   no_prefix_sharing  default without computing the t_m call's prefix once per image (emerdiff_pl.prefix)
   reference_step_by_step  default with one batch-1 U-Net call per reference step (the inversion unbatched)
   profile         torch.profiler of one default image: time by kernel family
@@ -45,6 +48,7 @@ from throughput import (  # noqa: E402
     synthetic_images,
 )
 
+import emerdiff_pl.layout as layout_module  # noqa: E402
 import emerdiff_pl.segmenter as segmenter_module  # noqa: E402
 from emerdiff_pl import EmerDiffSegmenter  # noqa: E402
 from emerdiff_pl.layout import ChannelsLastGroupNorm, ChannelsLastTransformer2DModel  # noqa: E402
@@ -114,10 +118,16 @@ class Suite:
         return time.time() - self.t0 > self.args.budget_s
 
     def model(
-        self, prefix_sharing: bool = True, stock_layout: bool = False, **overrides
+        self,
+        prefix_sharing: bool = True,
+        stock_layout: bool = False,
+        group_norm: str = "auto",
+        **overrides,
     ) -> EmerDiffSegmenter:
-        """A segmenter on the shared backbone; `prefix_sharing=False` and `stock_layout=True` undo one
-        optimization of the default path each (the before-measurements of emerdiff_pl.prefix / .layout)."""
+        """A segmenter on the shared backbone; `prefix_sharing=False`, `stock_layout=True` and
+        `group_norm="torch"` undo one optimization of the default path each (the before-measurements of
+        emerdiff_pl.prefix / .layout / .triton_norm)."""
+        layout_module.NHWC_GROUP_NORM = group_norm
         kwargs = dict(self.base, **overrides)
         model = EmerDiffSegmenter(**kwargs).to(self.device)
         model.configure_model()
@@ -149,8 +159,12 @@ class Suite:
             segmenter_module.invert = lambda *args: real_invert(*args[:4], steps_per_call=1)
         try:
             model = self.model(**overrides)
+            warmup_s = None
             if not naive:  # warm-up: probe, allocator, compile (the naive path runs after `default`, warm)
+                start = time.perf_counter()
                 model.segment(self.images[:1])
+                sync(self.device)
+                warmup_s = time.perf_counter() - start
             if flops is None:
                 flops = flops_per_image(model, self.images[:1], naive)
             result, labels = run_path(model, self.images[:n], naive, batch, flops, name)
@@ -169,6 +183,7 @@ class Suite:
                 "tflop_per_s": result.tflops_per_s,
                 "pct_of_peak": 100 * result.tflops_per_s / self.peak,
                 "attention_backend": model.backend,
+                "warmup_image_s": warmup_s,
             }
             if name == "default":
                 self.reference_labels, self.default_flops = labels, flops
@@ -190,6 +205,7 @@ class Suite:
             )
         finally:
             segmenter_module.invert = real_invert
+            layout_module.NHWC_GROUP_NORM = "auto"
         (torch.cuda.empty_cache() if torch.cuda.is_available() else None)
 
     def ceilings(self) -> None:
@@ -202,8 +218,10 @@ class Suite:
         emb = model.backbone.empty_prompt_embedding().to(self.device, self.dtype)
         side = self.base["resolution"] // 8 if not self.args.smoke else 32
         unet, vae = model.unet, model.vae
-        for batch, stock in ((1, False), (8, False), (16, False), (32, False), (16, True)):
+        rows = [(1, False, "auto"), (8, False, "auto"), (16, False, "auto"), (32, False, "auto")]
+        for batch, stock, norm in rows + [(16, True, "auto"), (16, False, "torch")]:
             use_stock_layout((unet,), stock)
+            layout_module.NHWC_GROUP_NORM = norm
             x = torch.randn(
                 batch, model.unet.config.in_channels, side, side, device=self.device, dtype=self.dtype
             )
@@ -215,7 +233,9 @@ class Suite:
             tflops = batch * UNET_TFLOP_512 / s
             self.record(
                 {
-                    "name": f"unet_only_b{batch}" + ("_stock_layout" if stock else ""),
+                    "name": f"unet_only_b{batch}"
+                    + ("_stock_layout" if stock else "")
+                    + ("_torch_group_norm" if norm == "torch" else ""),
                     "ms_per_call": 1e3 * s,
                     "tflop_per_s": tflops,
                     "pct_of_peak": 100 * tflops / self.peak,
@@ -224,20 +244,63 @@ class Suite:
             )
         use_stock_layout((unet,), False)
         z = torch.randn(4, model.unet.config.in_channels, side, side, device=self.device, dtype=self.dtype)
-        for stock in (False, True):
+        for stock, norm in ((False, "auto"), (True, "auto"), (False, "torch")):
             use_stock_layout((vae,), stock)
+            layout_module.NHWC_GROUP_NORM = norm
             with torch.no_grad():
                 s = cuda_time(functools.partial(vae.decode, z), self.device)
             self.record(
                 {
-                    "name": "decode_only_b4" + ("_stock_layout" if stock else ""),
+                    "name": "decode_only_b4"
+                    + ("_stock_layout" if stock else "")
+                    + ("_torch_group_norm" if norm == "torch" else ""),
                     "ms_per_image": 1e3 * s / 4,
                     "tflop_per_s": 4 * DECODE_TFLOP_512 / s,
                     "pct_of_peak": 100 * 4 * DECODE_TFLOP_512 / s / self.peak,
                 }
             )
         use_stock_layout((vae,), False)
+        layout_module.NHWC_GROUP_NORM = "auto"
         (torch.cuda.empty_cache() if torch.cuda.is_available() else None)
+
+    def group_norm_micro(self) -> None:
+        """One GroupNorm(32) at the U-Net's activation sizes (batch 16, the branch chunk's order of size)."""
+        import torch.nn.functional as F
+
+        shapes = [(16, 320, 64), (16, 960, 64), (16, 640, 32), (16, 1280, 16), (16, 1280, 8)]
+        if self.args.smoke:
+            shapes = [(2, 64, 8)]
+        for n, c, side in shapes:
+            x = torch.randn(n, c, side, side, device=self.device, dtype=self.dtype) * 3 + 1
+            w = torch.randn(c, device=self.device, dtype=self.dtype)
+            b = torch.randn(c, device=self.device, dtype=self.dtype)
+            nhwc, nchw = x.contiguous(memory_format=torch.channels_last), x.contiguous()
+            exact = F.group_norm(x.float(), 32, w.float(), b.float(), 1e-5)
+            row = {
+                "name": f"gn_micro_{n}x{c}x{side}x{side}",
+                "mbytes": 2 * x.numel() * x.element_size() / 1e6,
+            }
+            args = (32, w, b, 1e-5)
+            variants = {
+                "stock_nchw_input": functools.partial(F.group_norm, nchw, *args),
+                "stock_nhwc_input": functools.partial(F.group_norm, nhwc, *args),
+                "torch_ops_nhwc": functools.partial(
+                    layout_module._group_norm_channels_last_torch, nhwc, *args
+                ),
+            }
+            if self.device.type == "cuda":
+                from emerdiff_pl.triton_norm import group_norm_nhwc
+
+                variants["triton_nhwc"] = functools.partial(group_norm_nhwc, nhwc, *args)
+            for key, fn in variants.items():
+                try:
+                    s = cuda_time(fn, self.device, repeats=20)
+                    row[f"{key}_us"] = 1e6 * s
+                    row[f"{key}_gb_per_s"] = row["mbytes"] / 1e3 / s
+                    row[f"{key}_max_err"] = (fn().float() - exact).abs().max().item()
+                except Exception as err:
+                    row[f"{key}_error"] = f"{type(err).__name__}: {err}"
+            self.record(row)
 
     def profile(self) -> None:
         if self.over_budget():
@@ -296,11 +359,14 @@ def main(argv: list[str] | None = None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     torch.backends.cuda.matmul.allow_tf32 = True
     suite = Suite(args)
+    if "gn_micro" not in skip:
+        suite.group_norm_micro()
     suite.ceilings()
     n, few = args.num_images, min(2, args.num_images)
     plan = [
         ("default", dict(n=n)),
         ("stock_layout", dict(n=few, flops="default", stock_layout=True)),
+        ("torch_group_norm", dict(n=few, flops="default", group_norm="torch")),
         ("no_prefix_sharing", dict(n=few, prefix_sharing=False)),
         ("reference_step_by_step", dict(n=few, flops="default", batched_reference=False)),
         ("chunk_8", dict(n=few, flops="default", max_branch_batch=8)),

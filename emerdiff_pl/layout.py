@@ -5,25 +5,75 @@ Converting the weights is not enough. PyTorch's GroupNorm on CUDA makes its inpu
 norm → conv pair pays two strided copies: NHWC → NCHW for the norm, NCHW → NHWC for the next cuDNN
 convolution; and diffusers' Transformer2DModel ends with `.permute(0, 3, 1, 2).contiguous()`, two more per
 attention block. Those copies were 26.5 % of the device time of a default image on an H200 (BENCHMARKS.md).
-`ChannelsLastGroupNorm` normalizes the NHWC view itself: per-channel sums (float32 accumulation, one read
-each), per-group statistics from them, one scale-and-shift pass written straight into an NHWC output;
+`ChannelsLastGroupNorm` normalizes the NHWC view itself: per-channel sums (float32 accumulation), per-group
+statistics from them, one scale-and-shift pass written straight into an NHWC output; on CUDA as the Triton
+kernels of `emerdiff_pl.triton_norm` (torch ops where those do not run: they took 17 % of the device time).
 `ChannelsLastTransformer2DModel` hands `proj_out` the NHWC view it already has.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import Tensor, nn
 
+# Which NHWC GroupNorm runs on CUDA: "auto" (the Triton kernels where a probe passes, else torch ops), "triton",
+# or "torch". The CPU always takes torch ops. benchmarks/gpu_suite.py sets it to measure one against the other.
+NHWC_GROUP_NORM = "auto"
+_triton_verdict: dict[torch.device, bool] = {}
+
 
 def group_norm_channels_last(
     x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor:
     """F.group_norm for a channels-last (N, C, H, W) tensor; the result is channels-last, in x's dtype."""
+    if (
+        x.is_cuda
+        and NHWC_GROUP_NORM != "torch"
+        and not torch.compiler.is_compiling()  # inductor fuses the torch ops itself
+        and (NHWC_GROUP_NORM == "triton" or _triton_works(x.device))
+    ):
+        from emerdiff_pl.triton_norm import group_norm_nhwc
+
+        return group_norm_nhwc(x.contiguous(memory_format=torch.channels_last), groups, weight, bias, eps)
+    return _group_norm_channels_last_torch(x, groups, weight, bias, eps)
+
+
+def _triton_works(device: torch.device) -> bool:
+    """Once per device: do the Triton kernels compile here and match torch ops? (No: a warning, torch ops.)"""
+    if device not in _triton_verdict:
+        try:
+            from emerdiff_pl.triton_norm import group_norm_nhwc
+
+            gen = torch.Generator(device=device).manual_seed(0)
+            x = torch.randn(2, 64, 6, 5, device=device, generator=gen).contiguous(
+                memory_format=torch.channels_last
+            )
+            w, b = (
+                torch.randn(64, device=device, generator=gen),
+                torch.randn(64, device=device, generator=gen),
+            )
+            err = (group_norm_nhwc(x, 32, w, b, 1e-5) - F.group_norm(x, 32, w, b, 1e-5)).abs().max().item()
+            if not err < 1e-3:
+                raise RuntimeError(f"differs from F.group_norm by {err:.3g}")
+            _triton_verdict[device] = True
+        except Exception as err:  # no Triton, no compiler, an unsupported GPU: the torch ops still work
+            warnings.warn(
+                f"Triton NHWC GroupNorm unavailable on {device} ({type(err).__name__}: {err}); "
+                "using the slower torch-op version",
+                stacklevel=3,
+            )
+            _triton_verdict[device] = False
+    return _triton_verdict[device]
+
+
+def _group_norm_channels_last_torch(
+    x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
     n, c, h, w = x.shape
     y = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view: x is NHWC in memory
     channel_mean = torch.mean(y, dim=1, dtype=torch.float32)  # (n, c)
