@@ -35,6 +35,7 @@ def group_norm_channels_last(
         x.is_cuda
         and NHWC_GROUP_NORM != "torch"
         and not torch.compiler.is_compiling()  # inductor fuses the torch ops itself
+        and x.numel() // x.shape[0] < 2**31  # the kernels index one image's NHWC memory in int32
         and (NHWC_GROUP_NORM == "triton" or _triton_works(x.device))
     ):
         from emerdiff_pl.triton_norm import group_norm_nhwc

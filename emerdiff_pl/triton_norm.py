@@ -108,6 +108,9 @@ def group_norm_nhwc(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor 
     splits = max(1, min(triton.cdiv(hw, block_p), PROGRAMS // max(1, n * c_blocks)))
     rows = triton.cdiv(triton.cdiv(hw, splits), block_p) * block_p
     splits = triton.cdiv(hw, rows)
+    if x.is_cuda and x.device.index != torch.cuda.current_device():  # Triton launches on the current device
+        with torch.cuda.device(x.device):
+            return group_norm_nhwc(x, groups, weight, bias, eps)
     f32 = dict(device=x.device, dtype=torch.float32)
     part = torch.empty(n, splits, 2, c, **f32)
     _partial_sums[(n, splits, c_blocks)](x, part, hw, c, rows, BLOCK_P=block_p, BLOCK_C=block_c)
