@@ -14,6 +14,7 @@ kernels of `emerdiff_pl.triton_norm` (torch ops where those do not run: they too
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 
 import torch
@@ -35,7 +36,7 @@ def group_norm_channels_last(
         x.is_cuda
         and NHWC_GROUP_NORM != "torch"
         and not torch.compiler.is_compiling()  # inductor fuses the torch ops itself
-        and x.numel() // x.shape[0] < 2**31  # the kernels index one image's NHWC memory in int32
+        and math.prod(x.shape[1:]) < 2**31  # the kernels index one image's NHWC memory in int32
         and (NHWC_GROUP_NORM == "triton" or _triton_works(x.device))
     ):
         from emerdiff_pl.triton_norm import group_norm_nhwc
