@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 TILE = 4096  # elements per program tile: 8 KiB of bf16
+GRID_Y_MAX = 65535  # CUDA's limit on grid axes 1 and 2; more row blocks go on axis 0
 PROGRAMS = 1024  # statistics programs to aim for (a few per SM); fewer rows per program adds partials
 
 
@@ -53,7 +54,7 @@ def _group_gain_shift(
     part_ptr, w_ptr, b_ptr, gain_ptr, shift_ptr, SPLITS, C, CG, count, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_CG: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     groups = C // CG
     n = pid // groups
     g = pid % groups
@@ -81,9 +82,16 @@ def _group_gain_shift(
 
 
 @triton.jit
-def _scale_shift(x_ptr, out_ptr, gain_ptr, shift_ptr, HW, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+def _scale_shift(
+    x_ptr, out_ptr, gain_ptr, shift_ptr, HW, C,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_ON_AXIS_0: tl.constexpr,
+):  # fmt: skip
+    if ROWS_ON_AXIS_0:  # more row blocks than grid axis 1 holds (a decoder norm above ≈ 1450² pixels)
+        n = tl.program_id(1).to(tl.int64)
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    else:
+        n = tl.program_id(0).to(tl.int64)
+        p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     gain = tl.load(gain_ptr + n * C + c, mask=c_ok, other=0.0)
@@ -96,10 +104,14 @@ def _scale_shift(x_ptr, out_ptr, gain_ptr, shift_ptr, HW, C, BLOCK_P: tl.constex
 
 
 def group_norm_nhwc(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """F.group_norm of a channels-last (N, C, H, W) tensor; the result is channels-last, in x's dtype."""
+    """F.group_norm of an (N, C, H, W) tensor, read as channels-last (converted if it is not); the result is
+    channels-last, in x's dtype. No autograd: inference only."""
     n, c, h, w = x.shape
     if c % groups:
         raise ValueError(f"GroupNorm: {c} channels do not split into {groups} groups")
+    x = x.contiguous(memory_format=torch.channels_last)
+    if x.numel() == 0:
+        return torch.empty_like(x, memory_format=torch.channels_last)
     hw, cg = h * w, c // groups
     block_c = next((b for b in (128, 64, 32, 16) if c % b == 0), min(128, triton.next_power_of_2(c)))
     block_p = max(1, TILE // block_c)
@@ -122,8 +134,10 @@ def group_norm_nhwc(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor 
         BLOCK_S=min(32, triton.next_power_of_2(splits)), BLOCK_CG=triton.next_power_of_2(cg),
     )  # fmt: skip
     out = torch.empty_like(x, memory_format=torch.channels_last)
-    _scale_shift[(n, triton.cdiv(hw, block_p), c_blocks)](
-        x, out, gain, shift, hw, c, BLOCK_P=block_p, BLOCK_C=block_c
+    row_blocks = triton.cdiv(hw, block_p)
+    rows_first = row_blocks > GRID_Y_MAX
+    _scale_shift[(row_blocks, n, c_blocks) if rows_first else (n, row_blocks, c_blocks)](
+        x, out, gain, shift, hw, c, BLOCK_P=block_p, BLOCK_C=block_c, ROWS_ON_AXIS_0=rows_first
     )
     return out
 
