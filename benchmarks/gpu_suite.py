@@ -218,8 +218,14 @@ class Suite:
         emb = model.backbone.empty_prompt_embedding().to(self.device, self.dtype)
         side = self.base["resolution"] // 8 if not self.args.smoke else 32
         unet, vae = model.unet, model.vae
-        rows = [(1, False, "auto"), (8, False, "auto"), (16, False, "auto"), (32, False, "auto")]
-        for batch, stock, norm in rows + [(16, True, "auto"), (16, False, "torch")]:
+        for batch, stock, norm in (
+            (1, False, "auto"),
+            (8, False, "auto"),
+            (16, False, "auto"),
+            (32, False, "auto"),
+            (16, True, "auto"),
+            (16, False, "torch"),
+        ):
             use_stock_layout((unet,), stock)
             layout_module.NHWC_GROUP_NORM = norm
             x = torch.randn(

@@ -109,6 +109,9 @@ def group_norm_nhwc(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor 
     n, c, h, w = x.shape
     if c % groups:
         raise ValueError(f"GroupNorm: {c} channels do not split into {groups} groups")
+    if x.is_cuda and x.device.index != torch.cuda.current_device():  # Triton launches on the current device
+        with torch.cuda.device(x.device):
+            return group_norm_nhwc(x, groups, weight, bias, eps)
     x = x.contiguous(memory_format=torch.channels_last)
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=torch.channels_last)
@@ -120,9 +123,6 @@ def group_norm_nhwc(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor 
     splits = max(1, min(triton.cdiv(hw, block_p), PROGRAMS // max(1, n * c_blocks)))
     rows = triton.cdiv(triton.cdiv(hw, splits), block_p) * block_p
     splits = triton.cdiv(hw, rows)
-    if x.is_cuda and x.device.index != torch.cuda.current_device():  # Triton launches on the current device
-        with torch.cuda.device(x.device):
-            return group_norm_nhwc(x, groups, weight, bias, eps)
     f32 = dict(device=x.device, dtype=torch.float32)
     part = torch.empty(n, splits, 2, c, **f32)
     _partial_sums[(n, splits, c_blocks)](x, part, hw, c, rows, BLOCK_P=block_p, BLOCK_C=block_c)
