@@ -1,6 +1,6 @@
 """FLOPs of one U-Net call and one VAE decode of the SD 1.x architecture, counted on the meta device (no
-compute, no weights), and the per-image cost of EmerDiff they imply (SPEC §2), with and without computing the
-t_m call's layers before the modulated one once per image (`emerdiff_pl.prefix`).
+compute, no weights), and the per-image cost of EmerDiff they imply (docs/method.md §9), with and without
+computing the t_m call's layers before the modulated one once per image (`emerdiff_pl.prefix`).
 
     python benchmarks/cost_model.py [--resolution 512] [--num-masks 20] [--steps 15] [--peak-tflops 800]
 """
@@ -12,7 +12,7 @@ import argparse
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from emerdiff_pl.attention import AttentionStore
+from emerdiff_pl.attention import AttentionController
 from emerdiff_pl.backbone import sd14_arch_components
 from emerdiff_pl.prefix import PrefixSharing
 from emerdiff_pl.segmenter import FEATURE_LAYER, MODULATED_LAYER
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.empty(1, 4, latent, latent)
         emb = torch.empty(1, 77, 768)
         image = torch.empty(1, 3, args.resolution, args.resolution)
-        prefix = PrefixSharing(unet, AttentionStore(FEATURE_LAYER, MODULATED_LAYER))
+        prefix = PrefixSharing(unet, AttentionController(FEATURE_LAYER, MODULATED_LAYER))
         prefix.trace_next_call()
         unet_flops = count(lambda: unet(x, 1, encoder_hidden_states=emb))
         decode_flops = count(lambda: vae.decode(x))

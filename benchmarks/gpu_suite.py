@@ -41,7 +41,6 @@ import torch  # noqa: E402
 from diffusers.models.transformers.transformer_2d import Transformer2DModel  # noqa: E402
 from throughput import (  # noqa: E402
     bf16_matmul_peak,
-    drop_prefix_sharing,
     flops_per_image,
     run_path,
     sync,
@@ -51,7 +50,11 @@ from throughput import (  # noqa: E402
 import emerdiff_pl.layout as layout_module  # noqa: E402
 import emerdiff_pl.segmenter as segmenter_module  # noqa: E402
 from emerdiff_pl import EmerDiffSegmenter  # noqa: E402
-from emerdiff_pl.layout import ChannelsLastGroupNorm, ChannelsLastTransformer2DModel  # noqa: E402
+from emerdiff_pl.layout import (  # noqa: E402
+    ChannelsLastGroupNorm,
+    ChannelsLastTransformer2DModel,
+    set_group_norm_kernel,
+)
 
 UNET_TFLOP_512 = 0.803  # per U-Net call at 512², batch 1 (benchmarks/cost_model.py)
 DECODE_TFLOP_512 = 2.515
@@ -127,8 +130,7 @@ class Suite:
         """A segmenter on the shared backbone; `prefix_sharing=False`, `stock_layout=True` and
         `group_norm="torch"` undo one optimization of the default path each (the before-measurements of
         emerdiff_pl.prefix / .layout / .triton_norm)."""
-        layout_module.NHWC_GROUP_NORM = group_norm
-        kwargs = dict(self.base, **overrides)
+        kwargs = dict(self.base, **overrides, prefix_sharing=prefix_sharing, group_norm_kernel=group_norm)
         model = EmerDiffSegmenter(**kwargs).to(self.device)
         model.configure_model()
         channels_last = kwargs.get("channels_last", True)
@@ -137,8 +139,6 @@ class Suite:
         model._ensure_ready()  # converts the (shared) modules again, whatever an earlier variant left
         if stock_layout:
             use_stock_layout((model.unet, model.vae), True)
-        if not prefix_sharing:
-            drop_prefix_sharing(model)
         return model
 
     def timed(
@@ -154,11 +154,9 @@ class Suite:
         if self.over_budget():
             self.record({"name": name, "skipped": "suite time budget spent"})
             return
-        real_invert = segmenter_module.invert
-        if not batched_reference:  # one U-Net call per reference step, as before the batched inversion
-            segmenter_module.invert = lambda *args: real_invert(*args[:4], steps_per_call=1)
         try:
-            model = self.model(**overrides)
+            # batched_reference=False: one U-Net call per reference step, as before the batched inversion
+            model = self.model(**overrides, batched_reference=batched_reference)
             warmup_s = None
             if not naive:  # warm-up: probe, allocator, compile (the naive path runs after `default`, warm)
                 start = time.perf_counter()
@@ -193,7 +191,7 @@ class Suite:
                     (labels[:m] == self.reference_labels[:m]).float().mean().item()
                 )
             self.record(row)
-            drop_prefix_sharing(model)  # the backbone is shared: leave no hooks to the next variant
+            model.remove_hooks()  # the backbone is shared: leave no hooks to the next variant
             del model
         except Exception as err:  # record and go on: one broken option must not cost the lease
             self.record(
@@ -203,9 +201,6 @@ class Suite:
                     "trace": traceback.format_exc()[-2000:],
                 }
             )
-        finally:
-            segmenter_module.invert = real_invert
-            layout_module.NHWC_GROUP_NORM = "auto"
         (torch.cuda.empty_cache() if torch.cuda.is_available() else None)
 
     def ceilings(self) -> None:
@@ -227,7 +222,7 @@ class Suite:
             (16, False, "torch"),
         ):
             use_stock_layout((unet,), stock)
-            layout_module.NHWC_GROUP_NORM = norm
+            set_group_norm_kernel(unet, norm)
             x = torch.randn(
                 batch, model.unet.config.in_channels, side, side, device=self.device, dtype=self.dtype
             )
@@ -252,7 +247,7 @@ class Suite:
         z = torch.randn(4, model.unet.config.in_channels, side, side, device=self.device, dtype=self.dtype)
         for stock, norm in ((False, "auto"), (True, "auto"), (False, "torch")):
             use_stock_layout((vae,), stock)
-            layout_module.NHWC_GROUP_NORM = norm
+            set_group_norm_kernel(vae, norm)
             with torch.no_grad():
                 s = cuda_time(functools.partial(vae.decode, z), self.device)
             self.record(
@@ -266,7 +261,8 @@ class Suite:
                 }
             )
         use_stock_layout((vae,), False)
-        layout_module.NHWC_GROUP_NORM = "auto"
+        set_group_norm_kernel(unet, "auto")
+        set_group_norm_kernel(vae, "auto")
         (torch.cuda.empty_cache() if torch.cuda.is_available() else None)
 
     def group_norm_micro(self) -> None:

@@ -68,16 +68,17 @@ class PeakRSS:
 
 
 def count_unet_calls(model: EmerDiffSegmenter) -> dict[str, int]:
-    """Count the model's U-Net calls and rows from now on (outside the U-Net, so compiling is unaffected)."""
+    """Count the model's U-Net calls and rows from now on: wraps `call_unet`, the one place the segmenter calls
+    its U-Net (outside the U-Net, so compiling is unaffected)."""
     counts = {"calls": 0, "rows": 0}
-    unet = model._unet
+    unet = model.call_unet
 
     def counted(x: torch.Tensor, t: int, emb: torch.Tensor) -> torch.Tensor:
         counts["calls"] += 1
         counts["rows"] += x.shape[0]
         return unet(x, t, emb)
 
-    model._unet = counted
+    model.call_unet = counted
     return counts
 
 
@@ -121,13 +122,6 @@ def flops_per_image(model: EmerDiffSegmenter, image: torch.Tensor, naive: bool) 
             model.hparams.num_masks = k
         counted.append(float(counter.get_total_flops()))
     return counted[0] + (k - 1) * (counted[1] - counted[0])
-
-
-def drop_prefix_sharing(model: EmerDiffSegmenter) -> None:
-    """Undo emerdiff_pl.prefix on this model (its hooks, a pending trace included): the measurement before it."""
-    if model.prefix is not None:
-        model.prefix.remove()
-        model.prefix = None
 
 
 def run_path(
@@ -194,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "--prefix-sharing",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="compute the t_m call's layers before the modulated one once per image (model: always, eager)",
+        help="compute the t_m call's layers before the modulated one once per image (model: prefix_sharing)",
     )
     parser.add_argument(
         "--decoder", default="vae", choices=["vae", "taesd"], help="decoder of the branch images"
@@ -243,10 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         difference=args.difference,
         steps_after_modulation=args.steps_after_modulation,
     )
-    model = EmerDiffSegmenter(**common, **options).to(torch.device(args.device))
+    model = EmerDiffSegmenter(**common, **options, prefix_sharing=args.prefix_sharing)
+    model = model.to(torch.device(args.device))
     model.configure_model()
-    if not args.prefix_sharing:
-        drop_prefix_sharing(model)
     device = model.device
     images = synthetic_images(num_images, resolution)
     print(

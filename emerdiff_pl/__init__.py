@@ -16,6 +16,8 @@ _PUBLIC = {
     "SegmentationResult": "emerdiff_pl.segmenter",
     "EmerDiffDataModule": "emerdiff_pl.data",
     "PseudoLabelWriter": "emerdiff_pl.writer",
+    "PseudoLabelDataset": "emerdiff_pl.pseudolabels",
+    "PseudoLabelDataModule": "emerdiff_pl.pseudolabels",
     "load_backbone": "emerdiff_pl.backbone",
     "TINY_RANDOM": "emerdiff_pl.backbone",
     "batched_kmeans": "emerdiff_pl.kmeans",
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from emerdiff_pl.backbone import TINY_RANDOM, load_backbone
     from emerdiff_pl.data import EmerDiffDataModule
     from emerdiff_pl.kmeans import batched_kmeans
+    from emerdiff_pl.pseudolabels import PseudoLabelDataModule, PseudoLabelDataset
     from emerdiff_pl.segmenter import EmerDiffSegmenter, SegmentationResult
     from emerdiff_pl.writer import PseudoLabelWriter
 
@@ -39,6 +42,8 @@ __all__ = [
     "TINY_RANDOM",
     "EmerDiffDataModule",
     "EmerDiffSegmenter",
+    "PseudoLabelDataModule",
+    "PseudoLabelDataset",
     "PseudoLabelWriter",
     "SegmentationResult",
     "__version__",

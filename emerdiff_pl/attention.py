@@ -1,25 +1,65 @@
-"""Attention processors for EmerDiff: capture the reference run, inject it into the branches, modulate one layer.
+"""Attention control for EmerDiff: record the reference run, inject it into the branches, modulate one layer.
 
-One processor class per behaviour, installed with `unet.set_attn_processor(...)`; the state they share (current
-step, which reference image each branch row belongs to, the modulation, the recorded tensors) lives on an
-`AttentionStore`. Only the attention layers of SD's transformer blocks (3-D hidden states) are supported.
+Modelled on diffusers' attention processors (one callable per attention layer, installed with
+`unet.set_attn_processor`) and on prompt-to-prompt's controller (one object owns the run's state; every processor
+consults it). `AttentionController` has two modes, each a context manager that installs its processors on entry
+and puts the U-Net's own processors back on exit (docs/method.md §4–§5):
+
+    with controller.reference(unet, backend, record="qk", feature_timestep=t_f):   # the unmodified run
+        with controller.steps([0, 1], [t_0, t_1]):    # one U-Net call over two steps' latents, step-major
+            unet(...)
+    with controller.branches(unet, backend, rows, modulation, modulation_timestep=t_m):   # the branch rows
+        with controller.steps([s], [t]):              # one call per step; ±λ·M only where t == t_m
+            unet(...)
+
+What the reference run leaves for the branches is typed: `QueryKey` (self-attention), `CrossOutput`
+(cross-attention over the fixed text embedding), `Probabilities` (explicit maps, the naive path). Only the
+attention layers of SD's transformer blocks (3-D hidden states, no mask) are supported.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
-from torch import Tensor
+from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
 Backend = Literal["sdpa", "xformers"]
-Record = Literal["none", "qk", "probs"]
-FEATURES = "features"  # key of the feature layer's query vectors (B, N, C) in a step's record
+RecordKind = Literal["none", "qk", "probs"]
+
+
+@dataclass(frozen=True)
+class QueryKey:
+    """A self-attention layer's reference Q and K (B, H, N, d): a branch attends with them over its own V."""
+
+    query: Tensor
+    key: Tensor
+
+
+@dataclass(frozen=True)
+class CrossOutput:
+    """A cross-attention layer's reference output (B, N, C): its K and V come from the fixed text embedding, so
+    with the reference probabilities a branch gets exactly this output."""
+
+    output: Tensor
+
+
+@dataclass(frozen=True)
+class Probabilities:
+    """Explicit reference probabilities softmax(QKᵀ/√d) (B, H, N, M) of any layer (the naive path)."""
+
+    probs: Tensor
+
+
+LayerRecord = QueryKey | CrossOutput | Probabilities
 
 
 def attention(query: Tensor, key: Tensor, value: Tensor, backend: Backend) -> Tensor:
@@ -62,56 +102,179 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
         return "sdpa"
 
 
-class AttentionStore:
-    """State shared by the processors of one U-Net: the branch rows, the modulation, the records.
+class AttentionController:
+    """The state every processor of one U-Net consults, and the two modes that set it.
 
-    Reference tensors are kept per step and layer in `saved`; `rows[i]` is the reference image of branch
-    row i. `begin_step(s)` points the processors at step s before each U-Net call; no processor reads the
-    step number, so a compiled U-Net runs every step with one graph instead of compiling one per step.
+    `saved[step][layer]` holds the reference records, `features[t]` the feature layer's query vectors (B, N, C)
+    of the call at timestep t (only t = `feature_timestep` is kept), `tokens[layer]` each layer's number of
+    spatial tokens. In `branches` mode, `rows[i]` is the reference image of branch row i. No processor reads
+    the step or the timestep: the controller resolves them between calls into tensors (the step's records, the
+    modulation or zeros), so a compiled U-Net runs every step with one graph instead of compiling one per step.
     """
 
     def __init__(self, feature_layer: str, modulated_layer: str):
         self.feature_layer = feature_layer
         self.modulated_layer = modulated_layer
-        self.record: Record = "none"
-        self.read_features = False  # also record the feature layer's queries (as FEATURES), every step
-        self.saved: dict[int, dict[str, tuple[Tensor, ...]]] = {}  # step → layer → recorded tensors
-        self.current: dict[str, tuple[Tensor, ...]] = {}  # saved[step] of the step being run
+        self.mode: Literal["idle", "reference", "branches"] = "idle"
+        self.saved: dict[int, dict[str, LayerRecord]] = {}
+        self.features: dict[int, Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        # reference mode
+        self.record: RecordKind = "none"
+        self.feature_timestep: int | None = None
+        self.call_record: RecordKind = "none"  # what the call being run records
+        # branches mode
         self.rows: Tensor | None = None
-        self.modulation: Tensor | None = None  # (rows, N), added to every channel at step 0
-        self.step_modulation: Tensor | None = None  # what this call adds: `modulation` at step 0, zeros after
-        self.tokens: dict[str, int] = {}  # layer → number of spatial tokens, seen by the last capture
-        self._steps: list[int] = []  # the steps of a batched recording (begin_steps)
+        self.modulation: Tensor | None = None  # (rows, N): c·M_i of each row, added to every channel at t_m
+        self.modulation_timestep: int | None = None
+        # the call being run (set by `steps`)
+        self.current: dict[str, LayerRecord] = {}
+        self.current_features: Tensor | None = None
+        self.step_modulation: Tensor | None = (
+            None  # what this call adds: `modulation` at t_m, zeros elsewhere
+        )
+        self.wants_features = False
+        self._call: tuple[list[int], list[int]] | None = None
 
-    def begin_step(self, step: int) -> None:
-        """Point the processors at `step`; set `rows` and `modulation` first."""
-        self.current = self.saved.setdefault(step, {})
-        self.step_modulation = self.modulation
-        if self.modulation is not None and step != 0:  # adding zeros keeps one graph for every step
-            self.step_modulation = torch.zeros_like(self.modulation)
+    # ------------------------------------------------------------------ modes
+    @contextmanager
+    def reference(
+        self,
+        unet: nn.Module,
+        backend: Backend,
+        record: RecordKind = "qk",
+        feature_timestep: int | None = None,
+    ) -> Iterator[AttentionController]:
+        """Record the unmodified run: `qk` — self-attention Q, K and cross-attention outputs; `probs` — explicit
+        maps; `none`. The feature layer's queries are kept for the call at `feature_timestep`. Starts afresh."""
+        if record not in ("none", "qk", "probs"):
+            raise ValueError(f"record must be none, qk or probs, got {record!r}")
+        self.clear()
+        self.record, self.feature_timestep = record, feature_timestep
+        with self._mode("reference", unet, backend, PlainProcessor, modulate=False):
+            yield self
 
-    def begin_steps(self, steps: list[int]) -> None:
-        """Record several steps run as one batch (rows step-major, the same images in each); `end_steps` files
-        each step's share of the records under saved[step]."""
-        self.current, self.step_modulation, self._steps = {}, None, steps
+    @contextmanager
+    def branches(
+        self,
+        unet: nn.Module,
+        backend: Backend,
+        rows: Tensor,
+        modulation: Tensor | None,
+        modulation_timestep: int,
+        inject: bool = True,
+    ) -> Iterator[AttentionController]:
+        """Run branch rows (`rows[i]` = reference image of row i): with `inject` every layer reuses the reference
+        records of the same step; the modulated layer adds `modulation` (rows, N) at the call whose timestep is
+        `modulation_timestep`, nothing at any other call. The records stay (`clear` frees them)."""
+        if modulation is not None and modulation.shape[0] != rows.shape[0]:
+            raise ValueError(f"modulation has {modulation.shape[0]} rows, rows has {rows.shape[0]}")
+        self.rows, self.modulation, self.modulation_timestep = rows, modulation, modulation_timestep
+        kind = InjectProcessor if inject else PlainProcessor
+        try:
+            with self._mode("branches", unet, backend, kind, modulate=True):
+                yield self
+        finally:
+            self.rows = self.modulation = self.modulation_timestep = None
 
-    def end_steps(self) -> None:
-        n = len(self._steps)
-        for name, tensors in self.current.items():
-            for i, step in enumerate(self._steps):
-                self.saved.setdefault(step, {})[name] = tuple(t.unflatten(0, (n, -1))[i] for t in tensors)
-        self.current = {}
+    @contextmanager
+    def steps(
+        self, steps: list[int], timesteps: list[int], record: RecordKind | None = None
+    ) -> Iterator[AttentionController]:
+        """One U-Net call: in reference mode over several steps (rows step-major, the same images in each),
+        whose records (`record`, default the mode's) are filed under saved[step] on exit; in branches mode over
+        one step."""
+        if self.mode == "idle":
+            raise RuntimeError("AttentionController.steps outside a reference() or branches() block")
+        if len(steps) != len(timesteps) or not steps:
+            raise ValueError(f"steps {steps} and timesteps {timesteps} must be non-empty and match")
+        if self.mode == "branches":
+            if len(steps) != 1:
+                raise ValueError("a branch call runs one step")
+            self.current = self.saved.get(steps[0], {})
+            self.step_modulation = self.modulation
+            if self.modulation is not None and timesteps[0] != self.modulation_timestep:
+                # adding zeros, not skipping the add, keeps one graph for every step of a compiled U-Net
+                self.step_modulation = torch.zeros_like(self.modulation)
+        else:
+            self.current, self.call_record = {}, self.record if record is None else record
+            # every call of the pass reads the feature layer's queries, only t_f's are filed: a compiled U-Net
+            # keeps one graph for the calls with t_f and those without
+            self.wants_features = self.feature_timestep is not None
+        self._call = (steps, timesteps)
+        try:
+            yield self
+            if self.mode == "reference":
+                self._file()
+        finally:
+            self.current, self.current_features, self.step_modulation = {}, None, None
+            self.wants_features, self._call, self.call_record = False, None, "none"
+
+    def step(self, step: int, timestep: int, record: RecordKind | None = None):
+        """`steps([step], [timestep], record)`: one step per U-Net call."""
+        return self.steps([step], [timestep], record)
 
     def clear(self) -> None:
-        self.saved.clear()
-        self.current = {}
-        self.read_features = False
-        self.rows = self.modulation = self.step_modulation = None
+        """Drop every record (the reference run's tensors are large)."""
+        self.saved, self.features, self.current = {}, {}, {}
+        self.current_features = None
+
+    def narrow_rows(self, index: Tensor) -> Tensor | None:
+        """While some module runs on a subset of the rows (emerdiff_pl.prefix): rows := rows[index]; returns the
+        rows to give back to `restore_rows`."""
+        saved = self.rows
+        if saved is not None:
+            self.rows = saved[index]
+        return saved
+
+    def restore_rows(self, rows: Tensor | None) -> None:
+        self.rows = rows
+
+    # ------------------------------------------------------------------ internals
+    @contextmanager
+    def _mode(self, mode, unet: nn.Module, backend: Backend, kind: type, modulate: bool) -> Iterator[None]:
+        if self.mode != "idle":
+            raise RuntimeError(f"AttentionController is already in {self.mode} mode")
+        previous = unet.attn_processors
+        procs: dict[str, object] = {}
+        for name in attention_layer_names(unet):
+            self.tokens.setdefault(name, 0)  # fixed keys: a compiled U-Net sees the same dict on every call
+            proc = kind(name, self, backend)
+            procs[f"{name}.processor"] = (
+                ModulateProcessor(proc) if modulate and name == self.modulated_layer else proc
+            )
+        unet.set_attn_processor(procs)
+        self.mode = mode
+        try:
+            yield
+        finally:
+            self.mode = "idle"
+            unet.set_attn_processor(previous)
+
+    def _file(self) -> None:
+        steps, timesteps = self._call
+        n = len(steps)
+        for name, record in self.current.items():
+            fields = {k: v.unflatten(0, (n, -1)) for k, v in vars(record).items()}
+            for i, step in enumerate(steps):
+                self.saved.setdefault(step, {})[name] = type(record)(**{k: v[i] for k, v in fields.items()})
+        if self.current_features is not None and self.feature_timestep in timesteps:
+            per_step = self.current_features.unflatten(0, (n, -1))
+            self.features[self.feature_timestep] = per_step[timesteps.index(self.feature_timestep)]
 
 
 class _Processor:
-    def __init__(self, name: str, store: AttentionStore, backend: Backend):
-        self.name, self.store, self.backend = name, store, backend
+    """Shared projection and output code of the processors (diffusers' AttnProcessor2_0, unrolled)."""
+
+    def __init__(self, name: str, controller: AttentionController, backend: Backend):
+        self.name, self.controller, self.backend = name, controller, backend
+
+    def check(self, attention_mask: Tensor | None) -> None:
+        """Refuse a mask: the recorded maps and the cached cross-attention outputs assume unmasked attention."""
+        if attention_mask is not None:
+            raise NotImplementedError(
+                f"{self.name}: an attention_mask was passed; EmerDiff's processors run unmasked attention only"
+            )
 
     def project(
         self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor | None
@@ -148,10 +311,9 @@ class _Processor:
         return out
 
 
-class CaptureProcessor(_Processor):
-    """Plain attention that records what the branches will reuse (store.record):
-    `qk` — self-attention Q, K and cross-attention outputs; `probs` — explicit probability maps; `none`.
-    With `store.read_features` the feature layer also records its query vectors."""
+class PlainProcessor(_Processor):
+    """Plain attention; in reference mode it records what the branches will reuse (the call's `record`)
+    and, at the feature layer, the query vectors of the call at t_f."""
 
     def __call__(
         self,
@@ -161,26 +323,26 @@ class CaptureProcessor(_Processor):
         attention_mask: Tensor | None = None,
         **kwargs,
     ) -> Tensor:
-        store = self.store
-        store.tokens[self.name] = hidden_states.shape[1]
+        self.check(attention_mask)
+        ctl = self.controller
+        ctl.tokens[self.name] = hidden_states.shape[1]
         features, q, k, v = self.project(attn, hidden_states, encoder_hidden_states)
-        if store.read_features and self.name == store.feature_layer:
-            store.current[FEATURES] = (features.float(),)
-        if store.record == "probs":
+        recording = ctl.mode == "reference"
+        if recording and ctl.wants_features and self.name == ctl.feature_layer:
+            ctl.current_features = features.float()
+        if recording and ctl.call_record == "probs":
             probs = attention_probs(q, k)
-            store.current[self.name] = (probs,)
+            ctl.current[self.name] = Probabilities(probs)
             return self.output(attn, probs @ v, hidden_states)
         out = self.output(attn, attention(q, k, v, self.backend), hidden_states)
-        if store.record == "qk":
-            store.current[self.name] = (out,) if encoder_hidden_states is not None else (q, k)
+        if recording and ctl.call_record == "qk":
+            ctl.current[self.name] = CrossOutput(out) if encoder_hidden_states is not None else QueryKey(q, k)
         return out
 
 
 class InjectProcessor(_Processor):
-    """Attention of a branch with the reference run's probabilities at the same layer and step (SPEC §1.5).
-
-    From recorded Q, K: softmax(Q_ref K_refᵀ/√d)·V_branch. A cross-attention layer's K, V come from the fixed
-    text embedding, so its output is the recorded reference output, returned outright."""
+    """Attention of a branch with the reference run's probabilities at the same layer and step (docs/method.md
+    §5): softmax(Q_ref K_refᵀ/√d)·V_branch; a recorded cross-attention output is returned outright."""
 
     def __call__(
         self,
@@ -190,69 +352,71 @@ class InjectProcessor(_Processor):
         attention_mask: Tensor | None = None,
         **kwargs,
     ) -> Tensor:
-        store = self.store
-        saved = store.current[self.name]
-        rows = store.rows
-        if len(saved) == 1 and saved[0].ndim == 3:  # recorded cross-attention output
-            return saved[0][rows]
-        if len(saved) == 1:  # explicit probabilities (naive path)
+        self.check(attention_mask)
+        ctl = self.controller
+        record, rows = ctl.current.get(self.name), ctl.rows
+        if isinstance(record, CrossOutput):
+            return record.output[rows]
+        if isinstance(record, Probabilities):
             _, _, _, v = self.project(attn, hidden_states, encoder_hidden_states)
-            return self.output(attn, saved[0][rows] @ v, hidden_states)
-        q_ref, k_ref = saved
-        value = attn.to_v(hidden_states)
-        v = value.view(value.shape[0], -1, attn.heads, value.shape[-1] // attn.heads).transpose(1, 2)
-        return self.output(attn, attention(q_ref[rows], k_ref[rows], v, self.backend), hidden_states)
+            return self.output(attn, record.probs[rows] @ v, hidden_states)
+        if isinstance(record, QueryKey):
+            value = attn.to_v(hidden_states)
+            v = value.view(value.shape[0], -1, attn.heads, value.shape[-1] // attn.heads).transpose(1, 2)
+            return self.output(
+                attn, attention(record.query[rows], record.key[rows], v, self.backend), hidden_states
+            )
+        raise RuntimeError(
+            f"{self.name}: no reference record for this step; run reference(record='qk' or 'probs') first"
+        )
 
 
 class ModulateProcessor:
-    """Wraps the processor of the modulated layer: adds store.modulation (c·M_i per row) at step 0 only."""
+    """Wraps the modulated layer's processor: adds the controller's `step_modulation` (c·M_i per row at the t_m
+    call, zeros at every other call) to every channel of the layer's output."""
 
     def __init__(self, inner: _Processor):
         self.inner = inner
 
-    def __call__(self, attn: Attention, hidden_states: Tensor, *args, **kwargs) -> Tensor:
-        out = self.inner(attn, hidden_states, *args, **kwargs)
-        store = self.inner.store
-        if store.step_modulation is not None:
-            out = out + store.step_modulation.unsqueeze(-1).to(out.dtype)
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        **kwargs,
+    ) -> Tensor:
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        added = self.inner.controller.step_modulation
+        if added is not None:
+            out = out + added.unsqueeze(-1).to(out.dtype)
         return out
 
 
-def attention_layer_names(unet: torch.nn.Module) -> list[str]:
+def attention_layer_names(unet: nn.Module) -> list[str]:
     """Names of every attention layer of the U-Net (without the `.processor` suffix)."""
     return [name.removesuffix(".processor") for name in unet.attn_processors]
 
 
-def check_layer(unet: torch.nn.Module, name: str, what: str) -> None:
+def check_layer(unet: nn.Module, name: str, what: str) -> None:
+    """Raise, listing the valid names, when `name` is not an attention layer of `unet`."""
     names = attention_layer_names(unet)
     if name not in names:
         raise ValueError(f"{what} {name!r} is not an attention layer of this U-Net; valid names: {names}")
 
 
-def install(
-    unet: torch.nn.Module, store: AttentionStore, backend: Backend, kind: type[_Processor], modulate: bool
-) -> None:
-    """Set `kind` processors on every attention layer; wrap the modulated layer when `modulate`."""
-    procs: dict[str, object] = {}
-    for name in attention_layer_names(unet):
-        store.tokens.setdefault(name, 0)  # fixed keys: a compiled U-Net sees the same dict on every call
-        proc = kind(name, store, backend)
-        procs[f"{name}.processor"] = (
-            ModulateProcessor(proc) if modulate and name == store.modulated_layer else proc
-        )
-    unet.set_attn_processor(procs)
-
-
 __all__ = [
-    "FEATURES",
-    "AttentionStore",
-    "CaptureProcessor",
+    "AttentionController",
+    "CrossOutput",
     "InjectProcessor",
+    "LayerRecord",
     "ModulateProcessor",
+    "PlainProcessor",
+    "Probabilities",
+    "QueryKey",
     "attention",
-    "attention_probs",
     "attention_layer_names",
+    "attention_probs",
     "check_layer",
-    "install",
     "resolve_backend",
 ]

@@ -34,12 +34,7 @@ class Backbone:
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     scheduler: DDPMScheduler
-    source: str
     _empty_prompt: Tensor | None = field(default=None, repr=False)
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return latent_scale_factor(self.vae)
 
     @torch.no_grad()
     def empty_prompt_embedding(self) -> Tensor:
@@ -58,7 +53,7 @@ class Backbone:
 
 
 def ddpm_scheduler(config: dict) -> DDPMScheduler:
-    """The model's noise schedule as the DDPM scheduler of SPEC §1.2 ("leading" spacing, steps_offset 1)."""
+    """The model's noise schedule as the DDPM scheduler of docs/method.md §2 ("leading" spacing, steps_offset 1)."""
     return DDPMScheduler.from_config(
         config,
         steps_offset=1,
@@ -194,7 +189,7 @@ def _local_path(name: str) -> Path | None:
     return path
 
 
-def _resolve_local(pretrained: str) -> Path | None:
+def resolve_local_model(pretrained: str) -> Path | None:
     """A local folder for `pretrained`, a shipped model name (e.g. `toyworld-ldm`), or None for a hub id."""
     shipped = _SHIPPED_MODELS / pretrained
     if "/" not in pretrained and shipped.is_dir():
@@ -236,7 +231,7 @@ def load_backbone(pretrained: str, dtype: torch.dtype = torch.float32) -> Backbo
     elif pretrained == SD14_ARCH:
         parts = sd14_arch_components()
     else:
-        local = _resolve_local(pretrained)
+        local = resolve_local_model(pretrained)
         source = str(local) if local is not None else pretrained
         try:
             parts = {
@@ -255,7 +250,7 @@ def load_backbone(pretrained: str, dtype: torch.dtype = torch.float32) -> Backbo
         parts[name].requires_grad_(False).eval()
         if parts[name].dtype != dtype:
             parts[name].to(dtype=dtype)
-    return Backbone(source=pretrained, **parts)
+    return Backbone(**parts)
 
 
 def latent_scale_factor(decoder: AutoencoderKL | AutoencoderTiny) -> int:

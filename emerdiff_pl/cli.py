@@ -1,202 +1,99 @@
-"""``emerdiff-pl``: the command line.
+"""``emerdiff-pl``: the command line, a dispatcher that imports a subcommand only when it runs.
 
-``emerdiff-pl predict --config configs/<name>.yaml [--model.* ...] [--data.* ...] [--writer.* ...]`` is a
-LightningCLI over :class:`~emerdiff_pl.segmenter.EmerDiffSegmenter`, :class:`~emerdiff_pl.data.EmerDiffDataModule`
-and the :class:`~emerdiff_pl.writer.PseudoLabelWriter` callback (its arguments are the ``writer:`` group). The
-other subcommands are plain argparse programs, imported only when called.
+``emerdiff-pl <command> ...`` runs ``main(argv)`` of the module named in :data:`SUBCOMMANDS`; ``predict`` is a
+LightningCLI (:mod:`emerdiff_pl.commands.predict`), the others are plain argparse programs. Nothing heavy is
+imported here, so ``emerdiff-pl --help`` and the light subcommands start in a fraction of a second.
+
+Mistakes a user can fix (a missing folder, a wrong flag value, no GPU) end in one message and exit status 2;
+``--debug`` (or ``EMERDIFF_DEBUG=1``) keeps the full traceback. ``--verbose`` (or ``EMERDIFF_VERBOSE=1``) lets
+Lightning and diffusers print their usual messages.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
-import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+if TYPE_CHECKING:
+    from emerdiff_pl.commands.predict import EmerDiffCLI, SaveConfigToOutput, cli_main
 
-from emerdiff_pl.data import EmerDiffDataModule
-from emerdiff_pl.writer import PseudoLabelWriter
-
-# name → (module whose main(argv) runs it, one-line description)
+# name → (module[:function] whose main(argv) runs it, one-line description)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "predict": ("", "label images (WebDataset shards or a folder) into a pseudo-label shard set"),
-    "demo": ("", "label a few generated images end to end and show the result"),
+    "predict": (
+        "emerdiff_pl.commands.predict",
+        "label images (WebDataset shards or a folder) into a pseudo-label shard set",
+    ),
+    "demo": ("emerdiff_pl.commands.demo", "label a few generated images end to end and show the result"),
     "relabel": ("emerdiff_pl.relabel", "map per-image masks to dataset-wide classes via their embeddings"),
-    "evaluate": ("emerdiff_pl.metrics", "score pseudo-labels against ground-truth shards (Hungarian mIoU)"),
-    "show": ("emerdiff_pl.viz", "overlays and contact sheets of a shard set"),
-    "convert": ("emerdiff_pl.datasets", "convert COCO-Stuff-27 / Cityscapes-27 to ground-truth shards"),
+    "evaluate": (
+        "emerdiff_pl.commands.evaluate",
+        "score pseudo-labels against ground-truth shards (Hungarian mIoU)",
+    ),
+    "export": (
+        "emerdiff_pl.commands.export",
+        "relabelled shards as images/ + labels/ PNG folders for a segmentation trainer",
+    ),
+    "show": ("emerdiff_pl.viz", "contact sheet of a shard set: image, overlay, low-res mask, ground truth"),
+    "convert": (
+        "emerdiff_pl.datasets",
+        "ground-truth shards (<key>.jpg or .png, <key>.gt.png) for evaluate:",
+    ),
     "merge-manifests": (
-        "emerdiff_pl.writer:merge_main",
+        "emerdiff_pl.commands.merge",
         "merge per-task manifests and list tasks to resubmit",
     ),
 }
+# shown under ``convert`` in the top-level help (each is ``emerdiff-pl convert <name> --help``)
+CONVERT_USAGE = (
+    "convert toyworld --out gt/ [--num-images 100]   (generated scenes, no download)",
+    "convert cocostuff27 --images DIR --annotations DIR --out gt/",
+    "convert cityscapes27 --root DIR --out gt/ [--split val]",
+)
+DEBUG_ENV = "EMERDIFF_DEBUG"
+VERBOSE_ENV = "EMERDIFF_VERBOSE"
+_USER_ERROR_TYPES = (ValueError, OSError)  # bad values and paths; FileNotFoundError & co. are OSErrors
+_USER_ERROR_NAMES = {"UserError", "MisconfigurationException", "OutOfMemoryError"}
+# hints for messages that dependencies raise, matched by substring
+_HINTS = {
+    "No supported gpu backend found": "this machine has no usable GPU: add --trainer.accelerator cpu "
+    "(slow for 512² Stable Diffusion), or try configs/toyworld.yaml or configs/tiny.yaml",
+    "out of memory": "lower --model.max_branch_batch (e.g. 8) or --data.batch_size, or use --model.dtype bfloat16",
+}
 
 
-class SaveConfigToOutput(SaveConfigCallback):
-    """Saves the resolved config as ``<writer.output_dir>/config-<tag>.yaml``: one file per task and attempt,
-    next to the shards it produced (never ``config.yaml`` in the working directory, where array tasks collide)."""
-
-    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        writer = next((cb for cb in trainer.callbacks if isinstance(cb, PseudoLabelWriter)), None)
-        if writer is None:
-            return
-        tag = writer.resolve_tag(trainer)
-        writer.output_dir.mkdir(parents=True, exist_ok=True)
-        path = writer.output_dir / f"config-{tag}.yaml"
-        self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)
+def _flag(env: str) -> bool:
+    return os.environ.get(env, "0").strip().lower() not in ("", "0", "false", "no")
 
 
-class EmerDiffCLI(LightningCLI):
-    """LightningCLI with the ``predict`` subcommand only, the writer as the ``writer:`` group, and
-    ``data.resolution`` following ``model.resolution``."""
-
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {"predict": {"model", "dataloaders", "datamodule", "ckpt_path", "weights_only"}}
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(PseudoLabelWriter, "writer")
-        parser.link_arguments("model.resolution", "data.resolution")
-
-    def predict(
-        self, model: LightningModule, datamodule: Any = None, return_predictions: bool | None = None
-    ) -> Any:
-        """``Trainer.predict`` that keeps no predictions unless asked (the writer has already stored them; an
-        unset ``return_predictions`` would otherwise hold every image of the run in memory)."""
-        return self.trainer.predict(model, datamodule=datamodule, return_predictions=bool(return_predictions))
+def debug_enabled() -> bool:
+    """True when tracebacks should be shown (``--debug`` or ``EMERDIFF_DEBUG=1``)."""
+    return _flag(DEBUG_ENV)
 
 
-def cli_main(
-    args: list[str] | None = None, model_class: type[LightningModule] | None = None, run: bool = True
-) -> EmerDiffCLI:
-    """Run ``predict`` through LightningCLI (``args`` start with ``predict``). ``model_class`` defaults to
-    :class:`EmerDiffSegmenter`; tests pass a stand-in with the same ``predict_step`` contract."""
-    if model_class is None:
-        from emerdiff_pl.segmenter import EmerDiffSegmenter
-
-        model_class = EmerDiffSegmenter
-    # WebDataset-style streams have no sampler: the writer gets keys from the batch, not batch indices.
-    warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices.*")
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    # main(argv) and tests pass args explicitly on purpose
-    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
-    return EmerDiffCLI(
-        model_class,
-        EmerDiffDataModule,
-        save_config_callback=SaveConfigToOutput,
-        save_config_kwargs={"save_to_log_dir": False},
-        trainer_defaults={"logger": False},
-        seed_everything_default=0,
-        auto_configure_optimizers=False,
-        parser_kwargs={
-            "predict": {
-                "description": "Label images with EmerDiff and write a pseudo-label WebDataset. Typical use: "
-                "emerdiff-pl predict --config configs/sd14.yaml --data.urls 'in/shard-{000000..000099}.tar' "
-                "--writer.output_dir out/. Rerunning the same command resumes."
-            }
-        },
-        args=args,
-        run=run,
-    )
+def verbose_enabled() -> bool:
+    """True when dependencies may print their info lines and warnings (``--verbose`` or ``EMERDIFF_VERBOSE=1``)."""
+    return _flag(VERBOSE_ENV)
 
 
-def demo(argv: list[str]) -> int:
-    """``emerdiff-pl demo``: the whole pipeline on the shipped toy-world model, on a CPU in a few minutes.
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is a mistake the user can fix (shown as one message) rather than a bug (traceback)."""
+    names = {cls.__name__ for cls in type(err).__mro__}
+    return isinstance(err, _USER_ERROR_TYPES) or bool(names & _USER_ERROR_NAMES)
 
-    Generates held-out toy scenes with ground truth, labels them (``predict`` with ``configs/toyworld.yaml``),
-    maps the per-image masks to dataset-wide classes (``relabel``), scores them (``evaluate``, both protocols)
-    and draws a contact sheet (``show``)."""
-    import argparse
-    from pathlib import Path
 
-    from emerdiff_pl import metrics, relabel, toyworld, viz
-
-    repo_config = Path(__file__).resolve().parents[1] / "configs" / "toyworld.yaml"
-    parser = argparse.ArgumentParser(prog="emerdiff-pl demo", description=demo.__doc__)
-    parser.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
-    parser.add_argument("--num-images", type=int, default=4, help="toy scenes to label (default 4)")
-    parser.add_argument(
-        "--seed", type=int, default=1000, help="scene seed; the model was trained on seed 12345"
-    )
-    parser.add_argument(
-        "--config", default=str(repo_config), help="predict config (default configs/toyworld.yaml)"
-    )
-    args, overrides = parser.parse_known_args(argv)
-    if not Path(args.config).is_file():
-        parser.error(f"config {args.config} not found; pass --config path/to/toyworld.yaml")
-    out = Path(args.out)
-    scenes = toyworld.write_shards(out / "scenes", args.num_images, args.seed)
-    labels_dir = out / "labels"
-    cli_main(
-        [
-            "predict",
-            "--config",
-            args.config,
-            "--data.urls",
-            "::".join(scenes),
-            "--writer.output_dir",
-            str(labels_dir),
-            *overrides,
-        ]
-    )
-    label_shards = sorted(str(p) for p in labels_dir.glob("*.tar"))
-    if not label_shards:
-        print(f"emerdiff-pl demo: no shards were written to {labels_dir}", file=sys.stderr)
-        return 1
-    classes = str(toyworld.NUM_CLASSES)
-    relabelled = out / "relabelled"
-    steps = [
-        (
-            relabel.main,
-            ["--input", "::".join(label_shards), "--num-classes", classes, "--output", str(relabelled)],
-        ),
-        (
-            metrics.main,
-            [
-                "--pred",
-                str(relabelled),
-                "--gt",
-                "::".join(scenes),
-                "--num-classes",
-                classes,
-                "--class-names",
-                "toyworld",
-                "--protocol",
-                "both",
-                "--out",
-                str(out / "evaluation"),
-            ],
-        ),
-        (
-            viz.main,
-            [
-                "--input",
-                str(relabelled),
-                "--images",
-                "::".join(scenes),
-                "--gt",
-                "::".join(scenes),
-                "--class-names",
-                "toyworld",
-                "--out",
-                str(out / "contact_sheet.png"),
-                "--n",
-                str(min(args.num_images, 8)),
-            ],
-        ),
-    ]
-    for step, step_args in steps:
-        code = step(step_args)
-        if code:
-            return code
-    print(
-        f"demo done: pseudo-labels in {labels_dir}, global classes in {relabelled}, "
-        f"scores in {out / 'evaluation'}, picture {out / 'contact_sheet.png'}"
-    )
-    return 0
+def format_user_error(command: str, err: BaseException) -> str:
+    """One message: the command, what is wrong (the exception's text), and a hint where one is known."""
+    text = str(err).strip() or type(err).__name__
+    if isinstance(err, KeyError | OSError) and not isinstance(err, FileNotFoundError) and ":" not in text:
+        text = f"{type(err).__name__}: {text}"
+    lines = [f"emerdiff-pl {command}: error: {text}"]
+    hints = [hint for needle, hint in _HINTS.items() if needle.lower() in text.lower()]
+    lines += [f"  hint: {hint}" for hint in hints]
+    lines.append(f"  (add --debug or set {DEBUG_ENV}=1 to see the traceback)")
+    return "\n".join(lines)
 
 
 def _usage() -> str:
@@ -208,42 +105,108 @@ def _usage() -> str:
         "",
         "commands:",
     ]
-    lines += [f"  {name:<{width}}  {about}" for name, (_, about) in SUBCOMMANDS.items()]
+    for name, (_, about) in SUBCOMMANDS.items():
+        lines.append(f"  {name:<{width}}  {about}")
+        if name == "convert":
+            lines += [f"  {'':<{width}}    {usage}" for usage in CONVERT_USAGE]
     lines += [
         "",
-        "example: emerdiff-pl predict --config configs/tiny.yaml --data.folder images/ --writer.output_dir out/",
+        "options of every command: --debug (full tracebacks), --verbose (messages of Lightning and diffusers)",
+        "",
+        "first steps:",
+        "  emerdiff-pl demo                   the shipped toy model end to end, a few minutes on a CPU",
+        "  emerdiff-pl predict --config configs/tiny.yaml --data.folder images/ --writer.output_dir out/",
     ]
     return "\n".join(lines)
 
 
-def _dispatch(name: str, argv: list[str]) -> int:
+def _entry(name: str) -> Any:
+    """The ``main`` function of subcommand ``name``; None (after a message) when its module is missing."""
     target, _ = SUBCOMMANDS[name]
     module_name, _, function = target.partition(":")
     if importlib.util.find_spec(module_name) is None:
         print(f"emerdiff-pl {name}: this installation lacks {module_name} (not built yet?)", file=sys.stderr)
+        return None
+    return getattr(importlib.import_module(module_name), function or "main")
+
+
+def run_subcommand(name: str, argv: list[str]) -> int:
+    """Run subcommand ``name`` with ``argv`` in this process (what the demo chains) and return its exit code."""
+    entry = _entry(name)
+    if entry is None:
         return 2
-    entry: Any = getattr(importlib.import_module(module_name), function or "main")
-    result = entry(argv)
-    return int(result or 0)
+    return int(entry(argv) or 0)
+
+
+def _pop_global_flags(argv: list[str]) -> list[str]:
+    """Remove ``--debug`` / ``--verbose`` (before a ``--``) and record them in the environment, so that DDP
+    children and subcommands see them too."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    head, tail = argv[:cut], argv[cut:]
+    for flag, env in (("--debug", DEBUG_ENV), ("--verbose", VERBOSE_ENV)):
+        if flag in head:
+            os.environ[env] = "1"
+            head = [a for a in head if a != flag]
+    return head + tail
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``emerdiff-pl`` and ``python -m emerdiff_pl``."""
     from_command_line = argv is None
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _pop_global_flags(list(sys.argv[1:] if argv is None else argv))
+    if from_command_line:
+        sys.argv[1:] = argv  # LightningCLI (and a DDP relaunch) read sys.argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "predict":
-        cli_main(None if from_command_line else argv)  # None: LightningCLI reads sys.argv (DDP relaunches it)
-        return 0
-    if command == "demo":
-        return demo(rest)
-    if command in SUBCOMMANDS:
-        return _dispatch(command, rest)
-    print(f"emerdiff-pl: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
-    return 2
+    if command not in SUBCOMMANDS:
+        print(f"emerdiff-pl: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    try:
+        if command == "predict" and from_command_line:
+            from emerdiff_pl.commands.predict import cli_main
+
+            cli_main(None)  # None: LightningCLI reads sys.argv, which a DDP launcher re-runs
+            return 0
+        return run_subcommand(command, rest)
+    except KeyboardInterrupt:
+        if debug_enabled():
+            raise
+        print(f"emerdiff-pl {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug_enabled() or not is_user_error(err):
+            raise
+        print(format_user_error(command, err), file=sys.stderr)
+        return 2
 
 
-__all__ = ["EmerDiffCLI", "SUBCOMMANDS", "SaveConfigToOutput", "cli_main", "demo", "main"]
+_LAZY = {
+    "EmerDiffCLI": "emerdiff_pl.commands.predict",
+    "SaveConfigToOutput": "emerdiff_pl.commands.predict",
+    "cli_main": "emerdiff_pl.commands.predict",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The LightningCLI names, imported on first use (``from emerdiff_pl.cli import cli_main`` still works)."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name == "demo":
+        return importlib.import_module("emerdiff_pl.commands.demo").main
+    raise AttributeError(f"module 'emerdiff_pl.cli' has no attribute {name!r}")
+
+
+__all__ = [
+    "SUBCOMMANDS",
+    "EmerDiffCLI",
+    "SaveConfigToOutput",
+    "cli_main",
+    "debug_enabled",
+    "format_user_error",
+    "is_user_error",
+    "main",
+    "run_subcommand",
+    "verbose_enabled",
+]

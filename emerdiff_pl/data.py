@@ -1,21 +1,18 @@
 """Input side of ``emerdiff-pl predict``: images from WebDataset shards or a folder, as batches for the segmenter.
 
 Every input unit (a shard, or one file of a folder) is read by exactly one process: the sorted unit list is cut
-into contiguous blocks per SLURM array task, then dealt round-robin to DDP ranks and to dataloader workers. Images
-are decoded with PIL to RGB whatever their mode; anything that cannot be decoded becomes a ``failures`` entry of
-the batch instead of stopping the run. Keys already written by an earlier attempt are skipped before decoding.
+into contiguous blocks per SLURM array task, then dealt round-robin to DDP ranks and to dataloader workers. Shards
+are read and images decoded by :mod:`emerdiff_pl.shardio` (RGB whatever their mode); anything that cannot be read
+or decoded, a truncated tar included, becomes a ``failures`` entry of the batch instead of stopping the run. Keys
+already written by an earlier attempt, or recorded as failures by one, are skipped before decoding.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
+import math
 import os
-import re
-import tarfile
+import signal
 import warnings
-import zlib
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,21 +21,20 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-# File extensions read as images: folder files and tar members (the last extension of the field, lower case).
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
-# Compound fields that hold label maps, not the image (ground truth, this tool's own outputs, common names).
-_LABEL_FIELDS = {"gt", "seg", "lowres", "label", "labels", "mask", "masks", "overlay", "depth", "cls"}
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
-_REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # pipe:, http:, s3:, ... (WebDataset gopen schemes)
-_TAR_META = re.compile(r"(^|/)__[^/]*__($|/)")  # WebDataset metadata members such as __index__
-
-
-class ImageDecodeError(ValueError):
-    """An input that cannot become an RGB image; its message is the ``reason`` recorded in the failures."""
-
+from emerdiff_pl.shardio import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    ImageDecodeError,
+    decode_image,
+    expand_urls,
+    file_key,
+    image_field,
+    iter_tar,
+    safe_key,
+    to_rgb,
+)
 
 # --------------------------------------------------------------------------------------------------------------
 # splitting
@@ -82,42 +78,15 @@ def deal(items: Sequence[Any], index: int, count: int) -> list[Any]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def expand_shard_urls(urls: str | Sequence[str]) -> list[str]:
-    """Shard list from a brace pattern, ``::``-separated patterns, a list, globs or directories (local paths are
-    checked to exist); remote URLs (``pipe:``, ``http://``, ...) are brace-expanded and read with WebDataset's
-    ``gopen``."""
-    import braceexpand
-
-    from emerdiff_pl.shardio import expand_urls as expand_local
-
-    patterns = [p for p in urls.split("::") if p] if isinstance(urls, str) else [str(u) for u in urls]
-    if not patterns:
-        raise ValueError("data.urls is empty: give shard paths such as 'shards/train-{000000..000009}.tar'")
-    out: list[str] = []
-    for pattern in patterns:
-        if _REMOTE.match(pattern) and not os.path.exists(pattern):
-            out.extend(braceexpand.braceexpand(pattern))
-        else:
-            out.extend(expand_local(pattern))
-    duplicates = sorted(u for u, n in Counter(out).items() if n > 1)
-    if duplicates:
-        raise ValueError(f"data.urls names these shards more than once: {duplicates[:5]}")
-    return out
+expand_shard_urls = expand_urls  # the earlier name; one expander lives in shardio
 
 
-def tar_safe_key(relative_path: str) -> str:
-    """Sample key for a file: its relative path without extension, with every '.' (WebDataset cuts the key at the
-    first dot of the basename), whitespace, backslash and other awkward characters replaced by '_'."""
-    stem = relative_path.rsplit(".", 1)[0] if "." in Path(relative_path).name else relative_path
-    parts = [re.sub(r"[^\w\-+=,@~]", "_", part) or "_" for part in stem.replace("\\", "/").split("/") if part]
-    return "/".join(parts)
-
-
-def list_folder(folder: str | os.PathLike) -> list[tuple[str, str]]:
+def list_folder(folder: str | os.PathLike, all_files: bool = False) -> list[tuple[str, str]]:
     """Sorted (key, path) pairs for the images under ``folder`` (recursive, hidden files and folders ignored).
 
-    Keys are :func:`tar_safe_key` of the relative path, made unique by suffixing ``-2``, ``-3``, ... in sorted
-    path order (``a.jpg`` and ``a.png`` become ``a`` and ``a-2``), so every process derives the same keys.
+    Keys are :func:`~emerdiff_pl.shardio.file_key` of the relative path: they depend on the file's own path
+    alone (``a.jpg`` → ``a_jpg``, ``a.png`` → ``a_png``), so adding files never renames another one.
+    ``all_files`` also lists the files without an image extension (predict records them as failures).
     """
     root = Path(folder)
     if not root.is_dir():
@@ -132,159 +101,71 @@ def list_folder(folder: str | os.PathLike) -> list[tuple[str, str]]:
         visited.add((info.st_dev, info.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # same walk order in every process
         for name in filenames:
-            if name.startswith(".") or name.rsplit(".", 1)[-1].lower() not in IMAGE_EXTENSIONS:
+            if name.startswith(".") or not (all_files or is_image_file(name)):
                 continue
             relpaths.append(Path(dirpath, name).relative_to(root).as_posix())
     relpaths.sort()
-    taken: set[str] = set()
     out: list[tuple[str, str]] = []
+    owner: dict[str, str] = {}
     for rel in relpaths:
-        base = key = tar_safe_key(rel)
-        suffix = 2
-        while key in taken:
-            key = f"{base}-{suffix}"
-            suffix += 1
-        taken.add(key)
+        key = file_key(rel)
+        if key in owner:  # needs a file literally named like another's hashed key: refuse rather than guess
+            raise ValueError(
+                f"files {owner[key]!r} and {rel!r} under {str(folder)!r} map to the same key {key!r}"
+            )
+        owner[key] = rel
         out.append((key, str(root / rel)))
     return out
 
 
-def split_member_name(name: str) -> tuple[str, str] | None:
-    """``dir/abc.seg.png`` → (``dir/abc``, ``seg.png``): WebDataset's key / field split; None without a field."""
-    dirname, _, base = name.rpartition("/")
-    if "." not in base or base.startswith("."):
-        return None
-    stem, field = base.split(".", 1)
-    return (f"{dirname}/{stem}" if dirname else stem), field
+def is_image_file(name: str) -> bool:
+    """Whether a file name has one of the image extensions read as input."""
+    return "." in name and name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
 
 
-def _open_stream(url: str):
-    if os.path.exists(url):
-        return open(url, "rb")  # noqa: SIM115 - closed by the caller
-    from webdataset.gopen import gopen
-
-    return gopen(url, "rb")
-
-
-def iter_tar(url: str) -> Iterator[tuple[str, dict[str, bytes] | None, str | None]]:
-    """(key, fields, None) per sample of a tar shard, or (key or None, None, reason) when the tar breaks.
-
-    A corrupt or truncated tar ends its shard with one failure naming the sample being read (None when the
-    break falls between samples); the samples before the break are yielded normally.
-    """
-    key: str | None = None
-    fields: dict[str, bytes] = {}
-    count = 0
-    try:
-        with _open_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile() or _TAR_META.search(member.name):
-                    continue
-                parts = split_member_name(member.name)
-                if parts is None:
-                    continue
-                if parts[0] != key:
-                    if key is not None:
-                        yield key, fields, None
-                        count += 1
-                    key, fields = parts[0], {}
-                handle = tar.extractfile(member)
-                fields[parts[1]] = handle.read() if handle is not None else b""
-                tar.members = []  # streaming mode keeps every header otherwise
-    except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as err:
-        reason = f"corrupt or unreadable tar after {count} samples ({type(err).__name__}: {err})"
-        yield key, None, reason + ("; the rest of the shard is lost" if key else "")
-        return
-    if key is not None:
-        yield key, fields, None
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: SIGTERM sent to the whole process group (SLURM preemption, ``scancel``)
+    must not kill the workers, or the main process dies on "DataLoader worker is killed" instead of closing
+    its shard; the main process winds down and the workers end with it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def image_field(fields: dict[str, bytes]) -> bytes:
-    """The bytes of the sample's image member: a field named just ``jpg``, ``png``, ... first; else a compound
-    one (``input.png``) unless it is a label map (``gt.png``, ``seg.png``, ``mask.png``, ...)."""
-    for field, data in fields.items():
-        if field.lower() in IMAGE_EXTENSIONS:
-            return data
-    for field, data in fields.items():
-        head, _, ext = field.lower().rpartition(".")
-        if ext in IMAGE_EXTENSIONS and head.split(".")[0] not in _LABEL_FIELDS:
-            return data
-    raise ImageDecodeError(
-        f"sample has no image member (fields: {sorted(fields)}; expected one of {IMAGE_EXTENSIONS})"
-    )
+MAX_ASPECT = 4.0  # keep_aspect: model inputs are at most 4:1 (longer images are squashed down to it)
+RESIZE_MODES = ("keep_aspect", "square")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# decoding
-# --------------------------------------------------------------------------------------------------------------
+def size_unit(resolution: int, multiple: int) -> int:
+    """The step of the model input's sides under ``keep_aspect``: ``multiple``, or for a resolution below it
+    gcd(resolution, multiple), so that a square image keeps today's resolution × resolution."""
+    return multiple if resolution >= multiple else math.gcd(resolution, multiple)
 
 
-def _sixteen_bit_to_uint8(image: Image.Image) -> np.ndarray:
-    array = np.asarray(image).astype(np.float64)
-    if image.mode in _SIXTEEN_BIT_MODES or (image.mode == "I" and array.max(initial=0) > 255):
-        array = array / 257.0
-    elif image.mode == "F" and array.max(initial=0) <= 1.0:
-        array = array * 255.0
-    gray = np.clip(np.rint(array), 0, 255).astype(np.uint8)
-    return np.repeat(gray[..., None], 3, axis=2)
+def model_input_size(
+    height: int, width: int, resolution: int, resize: str = "square", multiple: int = 64
+) -> tuple[int, int]:
+    """(h, w) the model sees for an H×W image: ``square`` → resolution², ``keep_aspect`` → area ≈ resolution²
+    at the image's aspect ratio (clamped to 1:4 … 4:1), each side rounded to a multiple of :func:`size_unit`
+    (at least one): the latent divides by the VAE factor and the coarsest U-Net grid stays whole."""
+    if resize == "square":
+        return resolution, resolution
+    if resize != "keep_aspect":
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}×{width}")
+    unit = size_unit(resolution, multiple)
+    aspect = min(MAX_ASPECT, max(1.0 / MAX_ASPECT, width / height))
+    exact_h, exact_w = resolution / math.sqrt(aspect), resolution * math.sqrt(aspect)
+    return max(unit, round(exact_h / unit) * unit), max(unit, round(exact_w / unit) * unit)
 
 
-def to_rgb(image: Image.Image) -> np.ndarray:
-    """H×W×3 uint8 RGB from any PIL mode: 16-bit and float greyscale are rescaled (not clipped), transparency
-    is composited over white, CMYK / YCbCr / palette / 1-bit are converted."""
-    if image.mode in (*_SIXTEEN_BIT_MODES, "I", "F"):
-        return _sixteen_bit_to_uint8(image)
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info
-    ):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
-
-
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """Encoded bytes → H×W×3 uint8 RGB, EXIF orientation applied. Raises :class:`ImageDecodeError` with the
-    reason for empty, unidentifiable, truncated, corrupt, zero-size and oversized (decompression bomb) inputs."""
-    if not data:
-        raise ImageDecodeError("empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageDecodeError(
-                    f"image too large: {width}×{height} = {width * height} pixels > data.max_pixels={max_pixels} "
-                    "(possible decompression bomb; raise data.max_pixels if it is genuine)"
-                )
-            if width == 0 or height == 0:
-                raise ImageDecodeError(f"image has zero size ({width}×{height})")
-            image.load()
-    except ImageDecodeError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageDecodeError("not an image (PIL cannot identify the format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageDecodeError(f"image too large (decompression bomb check: {err})") from None
-    except Exception as err:  # truncated / corrupt data raise OSError, SyntaxError, ValueError, ...
-        raise ImageDecodeError(f"cannot decode image ({type(err).__name__}: {err})") from None
-    with contextlib.suppress(Exception):  # a broken EXIF block must not cost the image: keep it unrotated
-        image = ImageOps.exif_transpose(image)
-    try:
-        return to_rgb(image)
-    except Exception as err:
-        raise ImageDecodeError(
-            f"cannot convert mode {image.mode!r} to RGB ({type(err).__name__}: {err})"
-        ) from None
-
-
-def resize_for_model(rgb: np.ndarray, resolution: int) -> torch.Tensor:
-    """H×W×3 uint8 → 3×R×R float32 in [0, 1] (bilinear with antialias, aspect ratio not kept)."""
+def resize_for_model(
+    rgb: np.ndarray, resolution: int, resize: str = "square", multiple: int = 64
+) -> torch.Tensor:
+    """H×W×3 uint8 → 3×h×w float32 in [0, 1] at :func:`model_input_size` (bilinear with antialias; ``square``
+    does not keep the aspect ratio, ``keep_aspect`` does up to 4:1)."""
+    size = model_input_size(rgb.shape[0], rgb.shape[1], resolution, resize, multiple)
     image = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
-    image = F.interpolate(
-        image[None], size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False
-    )
+    image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)
     return image[0].clamp_(0.0, 1.0)
 
 
@@ -293,50 +174,93 @@ def resize_for_model(rgb: np.ndarray, resolution: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class _Batcher:
-    """Collects decoded samples, failures and skip counts into the batch dict of docs/interfaces.md."""
+class _Bucket:
+    """The samples of one model input shape waiting for a batch."""
 
-    def __init__(self, batch_size: int, resolution: int):
-        self.batch_size = batch_size
-        self.resolution = resolution
-        self._reset()
-
-    def _reset(self) -> None:
+    def __init__(self) -> None:
         self.images: list[torch.Tensor] = []
         self.originals: list[torch.Tensor] = []
+        self.encoded: list[bytes | None] = []  # the input file's bytes, for writer.include_image
         self.keys: list[str] = []
+        self.source_keys: list[str] = []
         self.urls: list[str] = []
+
+
+class _Batcher:
+    """Collects decoded samples, failures and skip counts into the batch dict of docs/interfaces.md.
+
+    Images of one batch share a shape, so samples wait in one bucket per model input shape (``keep_aspect``
+    gives several); a bucket is flushed when it holds ``batch_size`` samples, and every bucket at the end of
+    the input (:meth:`flush_all`). Failures and skip counts ride on the next batch flushed."""
+
+    def __init__(self, batch_size: int, resolution: int, resize: str = "square", multiple: int = 64):
+        self.batch_size = batch_size
+        self.resolution = resolution
+        self.resize = resize
+        self.multiple = multiple
+        self.buckets: dict[tuple[int, int], _Bucket] = {}
+        self._reset_counts()
+
+    def _reset_counts(self) -> None:
         self.failures: list[dict[str, Any]] = []
         self.skipped = 0
+        self.skipped_failed = 0
 
-    def add(self, key: str, url: str, rgb: np.ndarray) -> dict[str, Any] | None:
-        self.images.append(resize_for_model(rgb, self.resolution))
-        self.originals.append(torch.from_numpy(rgb))
-        self.keys.append(key)
-        self.urls.append(url)
-        return self.flush() if len(self.keys) >= self.batch_size else None
+    def add(
+        self, key: str, url: str, rgb: np.ndarray, source_key: str, encoded: bytes | None = None
+    ) -> dict[str, Any] | None:
+        image = resize_for_model(rgb, self.resolution, self.resize, self.multiple)
+        shape = (int(image.shape[1]), int(image.shape[2]))
+        bucket = self.buckets.setdefault(shape, _Bucket())
+        bucket.images.append(image)
+        bucket.originals.append(torch.from_numpy(rgb))
+        bucket.encoded.append(encoded)
+        bucket.keys.append(key)
+        bucket.source_keys.append(source_key)
+        bucket.urls.append(url)
+        return self.flush(shape) if len(bucket.keys) >= self.batch_size else None
 
-    def fail(self, key: str | None, url: str, reason: str) -> None:
-        self.failures.append({"key": key, "url": url, "reason": reason})
+    def fail(
+        self, key: str | None, url: str, reason: str, source_key: str | None = None, kind: str = "sample"
+    ) -> None:
+        record = {"key": key, "url": url, "reason": reason, "kind": kind}
+        if source_key is not None and source_key != key:
+            record["source_key"] = source_key
+        self.failures.append(record)
 
-    def flush(self) -> dict[str, Any]:
+    def flush(self, shape: tuple[int, int] | None = None) -> dict[str, Any]:
+        """The batch of bucket ``shape`` (None: the oldest bucket, or no images) with the pending failures."""
+        if shape is None:
+            shape = next(iter(self.buckets), None)
+        bucket = self.buckets.pop(shape, None) if shape is not None else None
+        bucket = bucket or _Bucket()
         r = self.resolution
-        sizes = [tuple(o.shape[:2]) for o in self.originals]
+        sizes = [tuple(o.shape[:2]) for o in bucket.originals]
         batch = {
-            "image": torch.stack(self.images) if self.images else torch.zeros(0, 3, r, r),
-            "original": self.originals,
+            "image": torch.stack(bucket.images) if bucket.images else torch.zeros(0, 3, r, r),
+            "original": bucket.originals,
+            "original_bytes": bucket.encoded,
             "original_size": torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2),
-            "key": self.keys,
-            "url": self.urls,
+            "key": bucket.keys,
+            "source_key": bucket.source_keys,
+            "url": bucket.urls,
             "failures": self.failures,
             "skipped": self.skipped,
+            "skipped_failed": self.skipped_failed,
         }
-        self._reset()
+        self._reset_counts()
         return batch
+
+    def flush_all(self) -> Iterator[dict[str, Any]]:
+        """Every bucket that holds samples, oldest first, then a last batch for failures or skips left over."""
+        while self.buckets:
+            yield self.flush()
+        if self.pending:
+            yield self.flush()
 
     @property
     def pending(self) -> bool:
-        return bool(self.keys or self.failures or self.skipped)
+        return bool(self.buckets or self.failures or self.skipped or self.skipped_failed)
 
 
 _Reader = Callable[[], bytes]
@@ -347,8 +271,10 @@ class ImageStream(IterableDataset):
 
     ``units`` are shard URLs (``kind="shards"``) or (key, path) pairs (``kind="folder"``), already cut to this
     array task. They are dealt to ranks, then to dataloader workers, so each unit is read exactly once. Yields
-    ready batches (use ``DataLoader(batch_size=None)``); the batch also carries ``"skipped"``: how many samples
-    were left out since the previous batch because their key is in ``done_keys``.
+    ready batches (use ``DataLoader(batch_size=None)``); the batch also carries ``"skipped"`` (samples left out
+    since the previous batch because their key is in ``done_keys``) and ``"skipped_failed"`` (left out because
+    an earlier run recorded them as failures: ``failed_keys``). Tar keys are sanitised with
+    :func:`~emerdiff_pl.shardio.safe_key`; the original is passed on as ``"source_key"``.
     """
 
     def __init__(
@@ -361,6 +287,9 @@ class ImageStream(IterableDataset):
         done_keys: frozenset[str] = frozenset(),
         rank: int = 0,
         world_size: int = 1,
+        failed_keys: frozenset[str] = frozenset(),
+        resize: str = "square",
+        resize_multiple: int = 64,
     ):
         super().__init__()
         if kind not in ("shards", "folder"):
@@ -371,8 +300,11 @@ class ImageStream(IterableDataset):
         self.batch_size = batch_size
         self.max_pixels = max_pixels
         self.done_keys = done_keys
+        self.failed_keys = failed_keys
         self.rank = rank
         self.world_size = world_size
+        self.resize = resize
+        self.resize_multiple = resize_multiple
 
     def my_units(self, worker: int = 0, num_workers: int = 1) -> list[Any]:
         return deal(deal(self.units, self.rank, self.world_size), worker, num_workers)
@@ -380,32 +312,39 @@ class ImageStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         units = self.my_units(info.id, info.num_workers) if info is not None else self.my_units()
-        batcher = _Batcher(self.batch_size, self.resolution)
+        batcher = _Batcher(self.batch_size, self.resolution, self.resize, self.resize_multiple)
         for unit in units:
             samples = self._folder_samples(unit) if self.kind == "folder" else self._shard_samples(unit)
-            for key, url, read, reason in samples:
+            for key, source_key, url, read, reason, kind in samples:
                 if reason is not None:
-                    batcher.fail(key, url, reason)
+                    batcher.fail(key, url, reason, source_key, kind)
                     continue
                 if key in self.done_keys:
                     batcher.skipped += 1
                     continue
-                try:
-                    rgb = decode_image(read(), self.max_pixels)
-                except ImageDecodeError as err:
-                    batcher.fail(key, url, str(err))
+                if key in self.failed_keys:
+                    batcher.skipped_failed += 1
                     continue
-                batch = batcher.add(key, url, rgb)
+                try:
+                    encoded = read()
+                    rgb = decode_image(encoded, self.max_pixels)
+                except ImageDecodeError as err:
+                    batcher.fail(key, url, str(err), source_key)
+                    continue
+                batch = batcher.add(key, url, rgb, source_key, encoded)
                 if batch is not None:
                     yield batch
-        if batcher.pending:
-            yield batcher.flush()
+        yield from batcher.flush_all()
 
-    # Both yield (key, url, read, reason): `read()` returns the image bytes lazily (after the done-key check),
-    # `reason` is set (and `read` None) for a failure found while reading the container.
+    # Both yield (key, source key, url, read, reason, kind): `read()` returns the image bytes lazily (after the
+    # done-key check); `reason` is set (and `read` None) for a failure found while reading the container.
 
-    def _folder_samples(self, unit: tuple[str, str]) -> Iterator[tuple[str, str, _Reader, None]]:
+    def _folder_samples(self, unit: tuple[str, str]) -> Iterator[tuple]:
         key, path = unit
+        if not is_image_file(path):
+            reason = f"not an image file (supported extensions: {', '.join(IMAGE_EXTENSIONS)}): skipped"
+            yield key, key, path, None, reason, "sample"
+            return
 
         def read() -> bytes:
             try:
@@ -413,19 +352,19 @@ class ImageStream(IterableDataset):
             except OSError as err:
                 raise ImageDecodeError(f"cannot read file ({type(err).__name__}: {err})") from None
 
-        yield key, path, read, None
+        yield key, key, path, read, None, "sample"
 
-    def _shard_samples(self, url: str) -> Iterator[tuple[str | None, str, _Reader | None, str | None]]:
-        for key, fields, reason in iter_tar(url):
-            if reason is not None:
-                yield key, url, None, reason
+    def _shard_samples(self, url: str) -> Iterator[tuple]:
+        for item in iter_tar(url):
+            key = safe_key(item.key) if item.key is not None else None
+            if item.fields is None:
+                yield key, item.key, url, None, item.reason, "shard" if item.fatal else "sample"
                 continue
-            assert key is not None and fields is not None
 
-            def read(fields: dict[str, bytes] = fields) -> bytes:
+            def read(fields: dict[str, bytes] = item.fields) -> bytes:
                 return image_field(fields)
 
-            yield key, url, read, None
+            yield key, item.key, url, read, None, "sample"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -440,15 +379,25 @@ class EmerDiffDataModule(pl.LightningDataModule):
     Args:
         urls: WebDataset shards: a brace pattern (``data/train-{000000..000099}.tar``), several patterns joined
             by ``::``, a list, a glob, a directory of ``*.tar``, or remote URLs (``pipe:``, ``https://``).
-        folder: A directory of images (recursive; jpg, jpeg, png, webp, bmp, tif, tiff). Keys are the relative
-            paths without extension, with dots and awkward characters replaced by ``_``. Give urls or folder.
-        resolution: Side of the square model input; linked to ``model.resolution`` by the CLI.
+        folder: A directory of images (recursive; jpg, jpeg, png, webp, bmp, tif, tiff; other files are recorded
+            as failures). Keys come from each file's relative path alone, extension included (``sub/a.jpg`` →
+            ``sub/a_jpg``; see ``shardio.file_key``). Give urls or folder.
+        resolution: Side of the square model input (``square``), or the side of a square of the same area
+            (``keep_aspect``); linked to ``model.resolution`` by the CLI.
         batch_size: Images per ``predict_step`` call.
         num_workers: Dataloader worker processes per rank (decoding and resizing happen there).
         array_index: This task's index in a job array (default: from ``SLURM_ARRAY_TASK_ID``, else 0).
         array_count: Number of array tasks sharing the input (default: ``SLURM_ARRAY_TASK_COUNT``, else 1).
             The sorted shard (or file) list is cut into ``array_count`` contiguous blocks.
-        max_pixels: Images with more pixels are skipped and recorded as failures (decompression-bomb guard).
+        max_pixels: Images with more pixels are skipped and recorded as failures (decompression-bomb guard). The
+            default, 40 Mpx, bounds one image's host memory (0.75 GiB measured for decoding, resizing and full-size
+            labels at the limit, more with overlays and batches in flight; BENCHMARKS.md); raise it for genuine
+            larger images where the memory is there.
+        resize: ``keep_aspect`` (area ≈ resolution², the image's aspect ratio up to 4:1, sides rounded to
+            ``resize_multiple``; batches group images of one model input shape) or ``square`` (resolution²,
+            squashed). Linked to ``model.resize`` by the CLI, whose default is ``keep_aspect``.
+        resize_multiple: ``keep_aspect``'s side step (64 for SD: latent ÷ 8, coarsest U-Net grid whole);
+            linked to ``model.resize_multiple``.
     """
 
     def __init__(
@@ -460,9 +409,13 @@ class EmerDiffDataModule(pl.LightningDataModule):
         num_workers: int = 2,
         array_index: int | None = None,
         array_count: int | None = None,
-        max_pixels: int = Image.MAX_IMAGE_PIXELS,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        resize: str = "square",
+        resize_multiple: int = 64,
     ):
         super().__init__()
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"data.resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
         if (urls is None) == (folder is None):
             raise ValueError(
                 "give exactly one input: --data.urls 'shards/train-{000000..000009}.tar' (WebDataset shards) or "
@@ -472,6 +425,7 @@ class EmerDiffDataModule(pl.LightningDataModule):
             ("resolution", resolution, 8),
             ("batch_size", batch_size, 1),
             ("max_pixels", max_pixels, 1),
+            ("resize_multiple", resize_multiple, 1),
         ):
             if value < low:
                 raise ValueError(f"data.{name} must be ≥ {low}, got {value}")
@@ -484,7 +438,10 @@ class EmerDiffDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.array_index, self.array_count = array_task(array_index, array_count)
         self.max_pixels = max_pixels
+        self.resize = resize
+        self.resize_multiple = resize_multiple
         self.done_keys: frozenset[str] = frozenset()
+        self.failed_keys: frozenset[str] = frozenset()
         self._all_units: list[Any] | None = None
 
     @property
@@ -495,23 +452,27 @@ class EmerDiffDataModule(pl.LightningDataModule):
         """Every input unit (shard URL, or (key, path) for a folder) before any splitting, in a fixed order."""
         if self._all_units is None:
             if self.folder is not None:
-                self._all_units = list_folder(self.folder)
-                if not self._all_units:
+                self._all_units = list_folder(self.folder, all_files=True)
+                if not any(is_image_file(path) for _, path in self._all_units):
                     raise FileNotFoundError(
                         f"data.folder {self.folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
                     )
             else:
                 assert self.urls is not None
-                self._all_units = expand_shard_urls(self.urls)
+                self._all_units = expand_urls(self.urls)
         return self._all_units
 
     def task_units(self) -> list[Any]:
         """This array task's block of :meth:`all_units`."""
         return partition(self.all_units(), self.array_index, self.array_count)
 
-    def set_done_keys(self, keys: set[str] | frozenset[str]) -> None:
-        """Keys already in finished output shards: they are skipped (called by the writer before predicting)."""
+    def set_done_keys(
+        self, keys: set[str] | frozenset[str], failed: set[str] | frozenset[str] = frozenset()
+    ) -> None:
+        """Keys already in finished output shards, and keys that earlier runs recorded as failures: both are
+        skipped (called by the writer before predicting; it passes no failed keys with retry_failures)."""
         self.done_keys = frozenset(keys)
+        self.failed_keys = frozenset(failed) - self.done_keys
 
     def _rank(self) -> tuple[int, int]:
         if self.trainer is None:
@@ -530,6 +491,9 @@ class EmerDiffDataModule(pl.LightningDataModule):
             self.done_keys,
             rank=rank,
             world_size=world_size,
+            failed_keys=self.failed_keys,
+            resize=self.resize,
+            resize_multiple=self.resize_multiple,
         )
         mine = len(deal(units, rank, world_size))
         workers = min(self.num_workers, mine)
@@ -539,7 +503,13 @@ class EmerDiffDataModule(pl.LightningDataModule):
                 "workers (split the input into more shards for more parallelism)",
                 stacklevel=2,
             )
-        return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False)
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=False,
+            worker_init_fn=ignore_sigterm if workers else None,
+        )
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Only the model input goes to the accelerator; originals (full size, for outputs) stay on the CPU."""
@@ -557,9 +527,13 @@ __all__ = [
     "decode_image",
     "deal",
     "expand_shard_urls",
+    "expand_urls",
+    "ignore_sigterm",
+    "is_image_file",
     "iter_tar",
     "list_folder",
+    "model_input_size",
+    "resize_for_model",
     "partition",
-    "tar_safe_key",
     "to_rgb",
 ]

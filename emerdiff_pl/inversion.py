@@ -1,4 +1,4 @@
-"""Edit-friendly DDPM inversion (Huberman-Spiegelglas et al., CVPR 2024), as EmerDiff uses it (SPEC §1.2).
+"""Edit-friendly DDPM inversion (Huberman-Spiegelglas et al., CVPR 2024) for EmerDiff (docs/method.md §2).
 
 Every timestep gets its own independently noised x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε_t; the noise z_t is then solved
 so that the DDPM posterior step from x_t lands exactly on the next x_{t'}. Branches that share (x_{t_m}, z)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,22 +24,30 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import Tensor, nn
 
 # Which NHWC GroupNorm runs on CUDA: "auto" (the Triton kernels where a probe passes, else torch ops), "triton",
-# or "torch". The CPU always takes torch ops. benchmarks/gpu_suite.py sets it to measure one against the other.
-NHWC_GROUP_NORM = "auto"
+# or "torch". The CPU always takes torch ops. Set per module: `to_channels_last(..., group_norm=)`,
+# `set_group_norm_kernel`, or the segmenter's `group_norm_kernel` hyperparameter.
+GroupNormKernel = Literal["auto", "triton", "torch"]
 _triton_verdict: dict[torch.device, bool] = {}
 
 
 def group_norm_channels_last(
-    x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+    x: Tensor,
+    groups: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    kernel: GroupNormKernel = "auto",
 ) -> Tensor:
-    """F.group_norm for a channels-last (N, C, H, W) tensor; the result is channels-last, in x's dtype."""
+    """F.group_norm for a channels-last (N, C, H, W) tensor; the result is channels-last, in x's dtype.
+
+    `kernel` picks the CUDA implementation: Triton (`auto`: where a probe passes) or torch ops."""
     if (
         x.is_cuda
-        and NHWC_GROUP_NORM != "torch"
+        and kernel != "torch"
         and not torch.compiler.is_compiling()  # inductor fuses the torch ops itself
         and math.prod(x.shape[1:]) < 2**31  # the kernels index one image's NHWC memory in int32
         and not (torch.is_grad_enabled() and _needs_grad(x, weight, bias))  # the kernels have no backward
-        and (NHWC_GROUP_NORM == "triton" or _triton_works(x.device))
+        and (kernel == "triton" or _triton_works(x.device))
     ):
         from emerdiff_pl.triton_norm import group_norm_nhwc
 
@@ -102,11 +111,15 @@ def _group_norm_channels_last_torch(
 
 
 class ChannelsLastGroupNorm(nn.GroupNorm):
-    """nn.GroupNorm that leaves channels-last 4-D inputs channels-last; any other input takes the stock path."""
+    """nn.GroupNorm that leaves channels-last 4-D inputs channels-last; any other input takes the stock path.
+
+    `kernel` (class default `auto`; set per instance by `set_group_norm_kernel`) picks the CUDA implementation."""
+
+    kernel: GroupNormKernel = "auto"
 
     def forward(self, x: Tensor) -> Tensor:
         if _nhwc(x):
-            return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
+            return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps, self.kernel)
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
@@ -142,10 +155,21 @@ def _overrides_match() -> bool:
     return list(inspect.signature(method).parameters) == expected
 
 
-def to_channels_last(module: nn.Module) -> nn.Module:
+def set_group_norm_kernel(module: nn.Module, kernel: GroupNormKernel) -> nn.Module:
+    """Pick the CUDA implementation of every ChannelsLastGroupNorm in `module`: `triton`, `torch` or `auto`."""
+    if kernel not in ("auto", "triton", "torch"):
+        raise ValueError(f"group_norm_kernel must be auto, triton or torch, got {kernel!r}")
+    for child in module.modules():
+        if isinstance(child, ChannelsLastGroupNorm):
+            child.kernel = kernel
+    return module
+
+
+def to_channels_last(module: nn.Module, group_norm: GroupNormKernel = "auto") -> nn.Module:
     """Weights to channels-last; every nn.GroupNorm and Transformer2DModel to its NHWC-keeping subclass (the
-    same module, parameters and hooks: only the class changes). A diffusers whose Transformer2DModel no longer
-    has the overridden method keeps its own (correct, with the layout copies)."""
+    same module, parameters and hooks: only the class changes), the norms with the CUDA kernel `group_norm`.
+    A diffusers whose Transformer2DModel no longer has the overridden method keeps its own (correct, with the
+    layout copies)."""
     module.to(memory_format=torch.channels_last)
     swaps: dict[type, type] = {nn.GroupNorm: ChannelsLastGroupNorm}
     if _overrides_match():
@@ -153,12 +177,14 @@ def to_channels_last(module: nn.Module) -> nn.Module:
     for child in module.modules():
         if type(child) in swaps:
             child.__class__ = swaps[type(child)]
-    return module
+    return set_group_norm_kernel(module, group_norm)
 
 
 __all__ = [
     "ChannelsLastGroupNorm",
     "ChannelsLastTransformer2DModel",
+    "GroupNormKernel",
     "group_norm_channels_last",
+    "set_group_norm_kernel",
     "to_channels_last",
 ]

@@ -1,23 +1,25 @@
-"""Unsupervised segmentation metrics (SPEC.md §4) as torchmetrics ``Metric``s, and the ``evaluate`` CLI.
+"""Unsupervised segmentation metrics (docs/method.md) as torchmetrics ``Metric``s; the CLI is
+``emerdiff_pl.commands.evaluate``.
 
-Two protocols, reported separately because they are not comparable:
+Two matching protocols, reported separately because they are not comparable:
 
 - dataset-wide Hungarian (STEGO / PiCIE, the paper's Table 1): one confusion matrix over all pixels of all
   images between global cluster ids and classes, one ``linear_sum_assignment``;
 - per-image Hungarian (DiffSeg / DiffCut): matching per image, TP/FP/FN accumulated over the dataset, unmatched
   predicted segments never counted as FP. Far more lenient.
 
-All scores are in percent (0–100), as in the papers' tables. Both metrics keep only summed integer states
-(``dist_reduce_fx="sum"``), so they are exact under DDP.
+Beside mIoU, under either matching: the boundary F-score (:class:`BoundaryFScore`, a pixel tolerance), which
+measures how well the masks are delineated. And the paper's second protocol (its Table 2), which needs no
+matching: :class:`ConceptIoU` names pixels by the nearest class concept embedding (dataset-wide or per-image
+concepts).
+
+All scores are in percent (0–100), as in the papers' tables. The Hungarian and boundary metrics keep only
+summed integer states (``dist_reduce_fx="sum"``), so they are exact under DDP.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +29,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torchmetrics import Metric
 
-from emerdiff_pl.shardio import ShardIndex, iter_samples, resize_labels_nearest
+from emerdiff_pl.shardio import resize_labels_nearest
 
 # --------------------------------------------------------------------------------------------------------------
 # scores from accumulated counts
@@ -74,6 +76,22 @@ def global_hungarian_scores(confusion: np.ndarray) -> dict[str, Any]:
     return scores
 
 
+def _match_segments(
+    pred: np.ndarray, target: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One image's Hungarian matching on IoU (flat, valid pixels only): segment ids, class ids, their
+    intersection counts (segments × classes) and the matched (row, col) pairs, pairs with no overlap dropped."""
+    segments, seg_index = np.unique(pred, return_inverse=True)
+    classes, cls_index = np.unique(target, return_inverse=True)
+    inter = np.bincount(seg_index * len(classes) + cls_index, minlength=len(segments) * len(classes))
+    inter = inter.reshape(len(segments), len(classes))
+    seg_size, cls_size = inter.sum(1), inter.sum(0)
+    iou = inter / (seg_size[:, None] + cls_size[None, :] - inter)
+    rows, cols = linear_sum_assignment(iou, maximize=True)
+    keep = inter[rows, cols] > 0
+    return segments, classes, inter, rows[keep], cols[keep]
+
+
 def per_image_matches(
     pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int = 255
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -98,15 +116,8 @@ def per_image_matches(
         raise ValueError(
             f"ground-truth id {bad} outside [0, {num_classes}) and not the ignore index {ignore_index}"
         )
-    segments, seg_index = np.unique(pred, return_inverse=True)
-    classes, cls_index = np.unique(target, return_inverse=True)
-    inter = np.bincount(seg_index * len(classes) + cls_index, minlength=len(segments) * len(classes))
-    inter = inter.reshape(len(segments), len(classes))
+    segments, classes, inter, rows, cols = _match_segments(pred, target)
     seg_size, cls_size = inter.sum(1), inter.sum(0)
-    iou = inter / (seg_size[:, None] + cls_size[None, :] - inter)
-    rows, cols = linear_sum_assignment(iou, maximize=True)
-    keep = inter[rows, cols] > 0
-    rows, cols = rows[keep], cols[keep]
     fn[classes] = cls_size
     tp[classes[cols]] = inter[rows, cols]
     fp[classes[cols]] = seg_size[rows] - inter[rows, cols]
@@ -130,7 +141,7 @@ def _check_pair(pred: Tensor, target: Tensor) -> None:
 
 
 class GlobalHungarianIoU(Metric):
-    """Dataset-wide Hungarian mIoU (STEGO / PiCIE): one confusion matrix, one assignment (SPEC.md §4).
+    """Dataset-wide Hungarian mIoU (STEGO / PiCIE): one confusion matrix, one assignment (docs/method.md).
 
     ``update(pred, target)``: integer tensors of the same shape; ``pred`` holds global cluster ids in
     ``[0, num_clusters)`` (default ``num_classes``), ``target`` class ids in ``[0, num_classes)`` or
@@ -304,288 +315,314 @@ def short_side_center_crop(labels: np.ndarray, size: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# evaluate CLI
+# boundary F-score
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _class_names(spec: str | None, num_classes: int) -> list[str]:
-    from emerdiff_pl.viz import load_class_names
-
-    names = load_class_names(spec, num_classes) if spec else None
-    if names is None:
-        return [str(i) for i in range(num_classes)]
-    return list(names[:num_classes])
-
-
-def _guess_num_clusters(pred_urls: str, pred_field: str, num_classes: int) -> tuple[int, str]:
-    """Global-protocol cluster count from the first prediction's JSON (relabel info, else num_masks)."""
-    for sample in iter_samples(pred_urls, fields={"json"}):
-        meta = sample.get("json")
-        if not isinstance(meta, dict):
-            break
-        relabel = meta.get("relabel")
-        if isinstance(relabel, dict) and "num_classes" in relabel:
-            return int(relabel["num_classes"]), "relabel.num_classes of the prediction JSON"
-        hparams = meta.get("hparams") if isinstance(meta.get("hparams"), dict) else {}
-        num_masks = hparams.get("num_masks", meta.get("num_masks"))
-        if num_masks is not None and pred_field in ("seg.png", "lowres.png"):
-            return max(num_classes, int(num_masks)), "num_masks of the prediction JSON (per-image ids!)"
-        break
-    return num_classes, "--num-classes"
+def _edges(labels: Tensor) -> Tensor:
+    """(H, W) bool: pixels with a 4-neighbour of another label (the image border is no edge)."""
+    edge = torch.zeros_like(labels, dtype=torch.bool)
+    edge[1:] |= labels[1:] != labels[:-1]
+    edge[:-1] |= labels[:-1] != labels[1:]
+    edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    return edge
 
 
-def save_confusion_image(
-    confusion: np.ndarray, assignment: np.ndarray, class_names: Sequence[str], path: str, title: str = ""
-) -> None:
-    """Row-normalised confusion (ground-truth class × cluster), clusters ordered by their matched class."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    num_clusters, num_classes = confusion.shape
-    matched = {int(c): k for k, c in enumerate(assignment) if c >= 0}
-    order = [matched[c] for c in range(num_classes) if c in matched]
-    order += [k for k in range(num_clusters) if k not in order]
-    table = confusion[order].T.astype(np.float64)  # classes × clusters
-    table = table / np.maximum(table.sum(1, keepdims=True), 1)
-    size = (max(6.0, 0.25 * len(order) + 3.5), max(5.0, 0.25 * num_classes + 2.0))
-    fig, ax = plt.subplots(figsize=size)
-    im = ax.imshow(table, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    ax.set_yticks(range(num_classes), [f"{i} {n}" for i, n in enumerate(class_names)], fontsize=7)
-    labels = [f"{k}" + ("" if assignment[k] >= 0 else "*") for k in order]
-    ax.set_xticks(range(len(order)), labels, fontsize=7, rotation=90)
-    ax.set_xlabel("predicted cluster (ordered by matched class; * = unmatched)")
-    ax.set_ylabel("ground-truth class")
-    ax.set_title(title or "confusion, row-normalised")
-    fig.colorbar(im, ax=ax, fraction=0.03)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def _disk(tolerance: int) -> Tensor:
+    r = torch.arange(-tolerance, tolerance + 1)
+    return ((r[:, None] ** 2 + r[None, :] ** 2) <= tolerance**2).float()[None, None]
 
 
-def _format_table(results: dict[str, Any], class_names: Sequence[str]) -> str:
-    lines = []
-    protocols = [p for p in ("global", "per_image") if p in results]
-    head = "  ".join(f"{'IoU ' + p:>14}" for p in protocols)
-    lines.append(f"{'class':<24}{head}" + ("  matched cluster" if "global" in results else ""))
-    for c, name in enumerate(class_names):
-        cells = []
-        for p in protocols:
-            v = results[p]["per_class_iou"][c]
-            cells.append(f"{'—' if v is None else f'{v:.2f}':>14}")
-        extra = ""
-        if "global" in results:
-            clusters = [k for k, a in enumerate(results["global"]["assignment"]) if a == c]
-            extra = f"  {clusters[0] if clusters else '—'}"
-        lines.append(f"{str(c) + ' ' + name:<24.24}" + "  ".join(cells) + extra)
-    lines.append("-" * len(lines[0]))
-    for key, label in (("miou", "mIoU"), ("pixel_accuracy", "pixel accuracy")):
-        cells = "  ".join(f"{results[p][key]:>14.2f}" for p in protocols)
-        lines.append(f"{label:<24}{cells}")
-    return "\n".join(lines)
+def _near(maps: Tensor, tolerance: int) -> Tensor:
+    """(N, H, W) bool → (N, H, W) bool: within `tolerance` px (Euclidean) of a True pixel of the same map."""
+    if tolerance == 0 or maps.shape[0] == 0:
+        return maps
+    x = torch.nn.functional.conv2d(maps.float().unsqueeze(1), _disk(tolerance), padding=tolerance)
+    return x.squeeze(1) > 0.5
 
 
-def _nan_to_none(values: np.ndarray) -> list[float | None]:
-    return [None if math.isnan(v) else round(float(v), 4) for v in values]
+def boundary_hits(
+    pred: Tensor, target: Tensor, tolerance: int, ignore_index: int = 255
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One image's boundary counts between every predicted segment and every ground-truth class.
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="emerdiff-pl evaluate",
-        description="Score pseudo-labels against ground truth (SPEC.md §4). Predictions and ground truth are "
-        "matched by sample key; keys found on one side only are reported. Predictions are resized to the "
-        "ground-truth size with nearest neighbour. Scores are in percent. Writes report.json, table.txt and "
-        "confusion.png (global protocol) into --out.",
+    The boundary of a mask is its pixels with a 4-neighbour outside it. Returns (segment ids S, class ids C,
+    ``pred_hit`` S×C: boundary pixels of segment s within ``tolerance`` px of class c's boundary, ``gt_hit``
+    S×C: boundary pixels of class c within tolerance of segment s's boundary, ``pred_total`` S, ``gt_total``
+    C). Pixels within 1 px of an ignored ground-truth pixel count on neither side.
+    """
+    valid = target != ignore_index
+    keep = ~_near((~valid)[None], 1)[0]
+    segments, pred_idx = torch.unique(pred, return_inverse=True)
+    classes, gt_idx = torch.unique(target[valid], return_inverse=True)
+    gt_full = torch.full_like(target, -1)
+    gt_full[valid] = gt_idx
+    pred_edge, gt_edge = _edges(pred) & keep, _edges(target) & keep
+    s, c = len(segments), len(classes)
+    pred_bnd = torch.nn.functional.one_hot(pred_idx, s).permute(2, 0, 1).bool() & pred_edge  # (S, H, W)
+    gt_bnd = (gt_full[None] == torch.arange(c)[:, None, None]) & gt_edge  # (C, H, W)
+    near_pred, near_gt = _near(pred_bnd, tolerance), _near(gt_bnd, tolerance)
+    pred_hit = pred_bnd.flatten(1).float() @ near_gt.flatten(1).float().T  # (S, C)
+    gt_hit = near_pred.flatten(1).float() @ gt_bnd.flatten(1).float().T  # (S, C)
+    return (
+        segments,
+        classes,
+        pred_hit.round().long(),
+        gt_hit.round().long(),
+        pred_bnd.flatten(1).sum(1),
+        gt_bnd.flatten(1).sum(1),
     )
-    parser.add_argument(
-        "--pred", required=True, help="prediction shards, e.g. 'relabelled/shard-{000000..000009}.tar'"
-    )
-    parser.add_argument(
-        "--gt", required=True, help="ground-truth shards with <key>.gt.png (uint8, 255 = ignore)"
-    )
-    parser.add_argument(
-        "--num-classes", type=int, required=True, help="number of ground-truth classes (27 for *-27)"
-    )
-    parser.add_argument(
-        "--num-clusters",
-        type=int,
-        default=None,
-        help="number of global cluster ids in the predictions (global protocol); default: from the prediction "
-        "JSON (relabel.num_classes), else --num-classes",
-    )
-    parser.add_argument(
-        "--protocol",
-        choices=["global", "per-image", "both"],
-        default="global",
-        help="global: one confusion matrix and one assignment over the dataset (STEGO/PiCIE, the paper's "
-        "Table 1); per-image: matching per image, more lenient (DiffSeg/DiffCut); both (default: global)",
-    )
-    parser.add_argument("--pred-field", default="seg.png", help="prediction label field (default seg.png)")
-    parser.add_argument("--gt-field", default="gt.png", help="ground-truth label field (default gt.png)")
-    parser.add_argument(
-        "--ignore-index", type=int, default=255, help="ground-truth id to ignore (default 255)"
-    )
-    parser.add_argument(
-        "--class-names",
-        default=None,
-        help="class names for the table: cocostuff27, cityscapes27, toyworld, or a text file (one name a line)",
-    )
-    parser.add_argument(
-        "--out", required=True, help="output folder for report.json, table.txt, confusion.png"
-    )
-    parser.add_argument(
-        "--crop",
-        type=int,
-        default=None,
-        help="score STEGO's view instead of the full image: short side resized to N (nearest), centre crop "
-        "N×N (STEGO/PiCIE use 320); default: full ground-truth resolution",
-    )
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N predictions")
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from tqdm import tqdm
+def _boundary_f(pred_hit: np.ndarray, pred_total: np.ndarray, gt_hit: np.ndarray, gt_total: np.ndarray):
+    """Per-class precision, recall, F (percent) from matched counts; NaN where a class has no boundary."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(pred_total > 0, 100.0 * pred_hit / np.maximum(pred_total, 1), 0.0)
+        recall = np.where(gt_total > 0, 100.0 * gt_hit / np.maximum(gt_total, 1), 0.0)
+        f = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    absent = gt_total == 0
+    for a in (precision, recall, f):
+        a[absent] = np.nan
+    return precision, recall, f
 
-    names = _class_names(args.class_names, args.num_classes)
-    protocols = ["global", "per-image"] if args.protocol == "both" else [args.protocol]
-    num_clusters, clusters_from = args.num_clusters, "--num-clusters"
-    if "global" in protocols and num_clusters is None:
-        num_clusters, clusters_from = _guess_num_clusters(args.pred, args.pred_field, args.num_classes)
-        if "per-image" in clusters_from:
-            print(
-                f"warning: predictions look like per-image cluster ids ({args.pred_field} without relabel info); "
-                "the global protocol needs dataset-wide ids: run `emerdiff-pl relabel` first",
-                file=sys.stderr,
-            )
-    metrics: dict[str, Metric] = {}
-    if "global" in protocols:
-        metrics["global"] = GlobalHungarianIoU(args.num_classes, num_clusters, ignore_index=args.ignore_index)
-    if "per-image" in protocols:
-        metrics["per_image"] = PerImageHungarianIoU(args.num_classes, ignore_index=args.ignore_index)
 
-    gt_index = ShardIndex(args.gt, fields={args.gt_field})
-    seen: set[str] = set()
-    pred_only: list[str] = []
-    duplicates: list[str] = []
-    no_field: list[str] = []
-    resized = 0
-    samples = iter_samples(args.pred, fields={args.pred_field})
-    for sample in tqdm(samples, desc="evaluate", unit="img", dynamic_ncols=True):
-        if args.limit is not None and len(seen) >= args.limit:
-            break
-        key = sample["__key__"]
-        if key in seen:
-            duplicates.append(key)
-            continue
-        seen.add(key)
-        if args.pred_field not in sample:
-            no_field.append(key)
-            continue
-        if key not in gt_index or args.gt_field not in gt_index.fields(key):
-            pred_only.append(key)
-            continue
-        target = gt_index.get(key, fields={args.gt_field})[args.gt_field]
-        pred = sample[args.pred_field]
-        if pred.shape != target.shape:
-            pred = resize_labels_nearest(pred, target.shape)
-            resized += 1
-        if args.crop is not None:
-            pred, target = short_side_center_crop(pred, args.crop), short_side_center_crop(target, args.crop)
-        p, t = torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(target.astype(np.int64))
-        for metric in metrics.values():
-            metric.update(p, t)
-    gt_index.close()
-    gt_keys = [k for k in gt_index if args.gt_field in gt_index.fields(k)]
-    gt_only = [k for k in gt_keys if k not in seen] if args.limit is None else []
-    evaluated = len(seen) - len(pred_only) - len(no_field)
-    if evaluated == 0 and no_field:
-        raise KeyError(
-            f"no prediction in {args.pred!r} has the field {args.pred_field!r} (e.g. sample {no_field[0]!r}); "
-            "set --pred-field to one of the label fields the shards hold (seg.png, lowres.png, …)"
-        )
-    if evaluated == 0:
-        raise ValueError(
-            f"no prediction key of {args.pred!r} is in the ground truth {args.gt!r} "
-            f"(e.g. prediction {pred_only[:3]} vs ground truth {gt_keys[:3]}): are these the same images?"
-        )
-    for what, keys in (
-        ("in the predictions only", pred_only),
-        ("in the ground truth only", gt_only),
-        ("repeated in the predictions (first one scored)", duplicates),
+class BoundaryFScore(Metric):
+    """Boundary F-score per class (Csurka et al. 2013's BF, dataset-accumulated) after Hungarian matching.
+
+    Each class's predicted mask is the segment matched to it: ``protocol="global"`` matches dataset-wide
+    cluster ids to classes once, on the accumulated pixel confusion (as :class:`GlobalHungarianIoU`; or pass
+    ``assignment`` to ``compute``); ``"per-image"`` matches per image on IoU (as :class:`PerImageHungarianIoU`).
+    Precision: the matched mask's boundary pixels within ``tolerance`` px of the class's ground-truth
+    boundary; recall: the reverse; both summed over images, then F = 2PR / (P + R) per class. ``compute()``
+    returns ``boundary_f`` (mean F over classes with ground-truth boundary pixels), ``precision`` and
+    ``recall`` (their means) and ``per_class_f`` (NaN where a class has no boundary), in percent. An
+    unmatched class scores 0. States are sums, exact under DDP.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(
+        self,
+        num_classes: int,
+        num_clusters: int | None = None,
+        tolerance: int = 2,
+        protocol: str = "global",
+        ignore_index: int = 255,
+        **kwargs,
     ):
-        if keys:
-            print(f"warning: {len(keys)} key(s) {what}, not scored, e.g. {keys[:5]}", file=sys.stderr)
-    if no_field:
-        print(
-            f"warning: {len(no_field)} prediction(s) without {args.pred_field!r}, e.g. {no_field[:5]}",
-            file=sys.stderr,
-        )
-
-    results: dict[str, Any] = {}
-    for name, metric in metrics.items():
-        out = _as_numpy(metric.compute())
-        entry: dict[str, Any] = {
-            "miou": out["miou"],
-            "pixel_accuracy": out["pixel_accuracy"],
-            "per_class_iou": _nan_to_none(out["per_class_iou"]),
-        }
-        if name == "global":
-            confusion = out["confusion"].reshape(num_clusters, args.num_classes)
-            entry["assignment"] = out["assignment"].tolist()
-            entry["num_clusters"] = num_clusters
-            entry["num_clusters_from"] = clusters_from
-            unmatched = confusion[out["assignment"] < 0].sum()
-            entry["unmatched_cluster_pixel_fraction"] = float(unmatched / max(confusion.sum(), 1))
-            entry["confusion"] = confusion.tolist()
+        super().__init__(**kwargs)
+        if protocol not in ("global", "per-image"):
+            raise ValueError(f"protocol must be 'global' or 'per-image', got {protocol!r}")
+        if tolerance < 0:
+            raise ValueError(f"tolerance must be ≥ 0 pixels, got {tolerance}")
+        self.num_classes, self.protocol = int(num_classes), protocol
+        self.num_clusters = int(num_clusters) if num_clusters is not None else self.num_classes
+        self.tolerance, self.ignore_index = int(tolerance), ignore_index
+        c = self.num_classes
+        if protocol == "global":
+            k = self.num_clusters
+            for name in ("confusion", "pred_hit", "gt_hit"):
+                self.add_state(name, default=torch.zeros(k, c, dtype=torch.long), dist_reduce_fx="sum")
+            self.add_state("pred_total", default=torch.zeros(k, dtype=torch.long), dist_reduce_fx="sum")
         else:
-            entry.update({k: out[k].tolist() for k in ("tp", "fp", "fn")})
-        results[name] = entry
+            for name in ("pred_hit", "gt_hit", "pred_total"):
+                self.add_state(name, default=torch.zeros(c, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("gt_total", default=torch.zeros(c, dtype=torch.long), dist_reduce_fx="sum")
 
-    os.makedirs(args.out, exist_ok=True)
-    report = {
-        "units": "percent",
-        "pred": args.pred,
-        "gt": args.gt,
-        "pred_field": args.pred_field,
-        "gt_field": args.gt_field,
-        "num_classes": args.num_classes,
-        "ignore_index": args.ignore_index,
-        "class_names": names,
-        "images_evaluated": evaluated,
-        "predictions_resized_to_gt": resized,
-        "crop": args.crop,
-        "keys": {
-            "pred_only": len(pred_only),
-            "gt_only": len(gt_only),
-            "duplicate_pred": len(duplicates),
-            "pred_without_field": len(no_field),
-            "examples_pred_only": pred_only[:20],
-            "examples_gt_only": gt_only[:20],
-        },
-        **results,
-    }
-    with open(os.path.join(args.out, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
-    table = _format_table(results, names)
-    header = f"{evaluated} images scored ({args.pred} vs {args.gt}), scores in percent"
-    with open(os.path.join(args.out, "table.txt"), "w", encoding="utf-8") as f:
-        f.write(header + "\n" + table + "\n")
-    if "global" in results:
-        save_confusion_image(
-            np.asarray(results["global"]["confusion"]),
-            np.asarray(results["global"]["assignment"]),
-            names,
-            os.path.join(args.out, "confusion.png"),
-            title=f"dataset-wide Hungarian: mIoU {results['global']['miou']:.2f}",
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        _check_pair(pred, target)
+        if pred.ndim == 3:
+            for p, t in zip(pred, target, strict=True):
+                self.update(p, t)
+            return
+        if pred.ndim != 2:
+            raise ValueError(f"expected H×W or B×H×W label maps, got shape {tuple(pred.shape)}")
+        pred, target = pred.long().cpu(), target.long().cpu()
+        valid = target != self.ignore_index
+        if not valid.any():
+            return
+        t = target[valid]
+        if int(t.min()) < 0 or int(t.max()) >= self.num_classes:
+            bad = int(t.max()) if int(t.max()) >= self.num_classes else int(t.min())
+            raise ValueError(
+                f"ground-truth id {bad} outside [0, {self.num_classes}) and not the ignore index {self.ignore_index}"
+            )
+        segments, classes, pred_hit, gt_hit, pred_total, gt_total = boundary_hits(
+            pred, target, self.tolerance, self.ignore_index
         )
-    print(header)
-    print(table)
-    print(f"wrote {os.path.join(args.out, 'report.json')}")
-    return 0
+        dev = self.gt_total.device
+        self.gt_total[classes.to(dev)] += gt_total.to(dev)
+        if self.protocol == "global":
+            if int(segments.min()) < 0 or int(segments.max()) >= self.num_clusters:
+                raise ValueError(
+                    f"predicted cluster ids must be in [0, {self.num_clusters}), got {int(segments.min())}.."
+                    f"{int(segments.max())}; set num_clusters (relabel per-image ids to global ids first)"
+                )
+            rows, cols = segments[:, None].to(dev), classes[None, :].to(dev)
+            self.pred_hit[rows, cols] += pred_hit.to(dev)
+            self.gt_hit[rows, cols] += gt_hit.to(dev)
+            self.pred_total[segments.to(dev)] += pred_total.to(dev)
+            counts = torch.bincount(
+                pred[valid] * self.num_classes + t, minlength=self.num_clusters * self.num_classes
+            )
+            self.confusion += counts.view(self.num_clusters, self.num_classes).to(dev)
+            return
+        seg_ids, cls_ids, _, r, c = _match_segments(pred[valid].numpy(), t.numpy())
+        # _match_segments' ids are the sorted unique ids, as torch.unique's: map its rows/cols to positions
+        seg_pos = torch.searchsorted(segments, torch.from_numpy(seg_ids[r]))
+        cls_pos = torch.searchsorted(classes, torch.from_numpy(cls_ids[c]))
+        matched = classes[cls_pos].to(dev)
+        self.pred_hit[matched] += pred_hit[seg_pos, cls_pos].to(dev)
+        self.gt_hit[matched] += gt_hit[seg_pos, cls_pos].to(dev)
+        self.pred_total[matched] += pred_total[seg_pos].to(dev)
+
+    def compute(self, assignment: Tensor | np.ndarray | None = None) -> dict[str, Tensor]:
+        """Scores; ``assignment`` (cluster → class, −1 unmatched; global protocol) overrides the own matching."""
+        c = self.num_classes
+        gt_total = self.gt_total.cpu().numpy()
+        if self.protocol == "global":
+            if assignment is None:
+                assignment = global_hungarian_scores(self.confusion.cpu().numpy())["assignment"]
+            assignment = np.asarray(assignment).reshape(-1)
+            pred_hit, gt_hit, pred_total = np.zeros(c), np.zeros(c), np.zeros(c)
+            ph, gh, pt = (s.cpu().numpy() for s in (self.pred_hit, self.gt_hit, self.pred_total))
+            for k, cls in enumerate(assignment):
+                if cls >= 0:
+                    pred_hit[cls], gt_hit[cls], pred_total[cls] = ph[k, cls], gh[k, cls], pt[k]
+        else:
+            pred_hit, gt_hit, pred_total = (
+                s.cpu().numpy() for s in (self.pred_hit, self.gt_hit, self.pred_total)
+            )
+        precision, recall, f = _boundary_f(pred_hit, pred_total, gt_hit, gt_total)
+        present = ~np.isnan(f)
+
+        def mean(a: np.ndarray) -> Tensor:
+            return torch.tensor(float(a[present].mean()) if present.any() else math.nan, dtype=torch.float64)
+
+        return {
+            "boundary_f": mean(f),
+            "precision": mean(precision),
+            "recall": mean(recall),
+            "per_class_f": torch.from_numpy(f),
+        }
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+# --------------------------------------------------------------------------------------------------------------
+# concept-embedding protocol
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _mask_class_areas(
+    masks: Tensor, target: Tensor, num_masks: int, num_classes: int, ignore_index: int
+) -> Tensor:
+    """(K, C) pixel counts of each mask id per ground-truth class, valid pixels only."""
+    valid = target != ignore_index
+    m, t = masks[valid].long(), target[valid].long()
+    if m.numel() and (int(m.min()) < 0 or int(m.max()) >= num_masks):
+        raise ValueError(
+            f"mask id {int(m.max())} has no row in the {num_masks} mask embeddings: the concept protocol needs "
+            "the per-image mask ids of the predict output (seg.png / lowres.png), not relabelled global ids"
+        )
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+        raise ValueError(
+            f"ground-truth id outside [0, {num_classes}) and not the ignore index {ignore_index}"
+        )
+    counts = torch.bincount(m * num_classes + t, minlength=num_masks * num_classes)
+    return counts.view(num_masks, num_classes)
+
+
+def _nearest_concept(embeddings: Tensor, concepts: Tensor, available: Tensor) -> Tensor:
+    """Each embedding's nearest concept by cosine similarity, among the available ones → (K,) class ids."""
+    e = torch.nn.functional.normalize(embeddings.double(), dim=1)
+    c = torch.nn.functional.normalize(concepts.double(), dim=1)
+    sim = e @ c.T
+    sim[:, ~available] = -math.inf
+    return sim.argmax(1)
+
+
+class ConceptIoU(Metric):
+    """mIoU under the concept-embedding protocol (the paper's Table 2): classes named by embeddings, no matching.
+
+    ``update(masks, target, embeddings)``: one image's mask ids (H, W) in [0, K) (``<key>.seg.png`` or the
+    low-res map resized to the target, per-image ids), its class ids (H, W), and its mask embeddings (K, D).
+    Every pixel carries its mask's embedding. Each ground-truth class's concept is the mean embedding of its
+    pixels, and each pixel takes the class of the nearest concept (cosine). ``concepts="dataset"``: one
+    concept per class over all pixels of all images (pixel-weighted), the assignment made at ``compute()``;
+    ``"image"``: concepts from each image's own pixels, choosing only among the classes in that image (far
+    more lenient: it knows which classes are present). Returns ``miou``, ``pixel_accuracy``,
+    ``per_class_iou`` (percent, NaN for absent classes) and ``confusion`` (predicted class × class).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, num_classes: int, concepts: str = "dataset", ignore_index: int = 255, **kwargs):
+        super().__init__(**kwargs)
+        if concepts not in ("dataset", "image"):
+            raise ValueError(f"concepts must be 'dataset' or 'image', got {concepts!r}")
+        self.num_classes, self.concepts, self.ignore_index = int(num_classes), concepts, ignore_index
+        c = self.num_classes
+        self.add_state("confusion", default=torch.zeros(c, c, dtype=torch.long), dist_reduce_fx="sum")
+        if concepts == "dataset":
+            self.add_state("areas", default=[], dist_reduce_fx="cat")  # per image (K, C)
+            self.add_state("embeddings", default=[], dist_reduce_fx="cat")  # per image (K, D)
+
+    def update(self, masks: Tensor, target: Tensor, embeddings: Tensor) -> None:
+        _check_pair(masks, target)
+        if masks.ndim != 2 or embeddings.ndim != 2:
+            raise ValueError(
+                f"expected one image: masks H×W and embeddings K×D, got {tuple(masks.shape)} and "
+                f"{tuple(embeddings.shape)}"
+            )
+        areas = _mask_class_areas(
+            masks.cpu(), target.cpu(), embeddings.shape[0], self.num_classes, self.ignore_index
+        )
+        if self.concepts == "dataset":
+            self.areas.append(areas.to(self.confusion.device))
+            self.embeddings.append(embeddings.to(self.confusion.device))
+            return
+        self._assign(areas, embeddings.cpu(), areas.sum(0) > 0, self._concepts([areas], [embeddings.cpu()]))
+
+    @staticmethod
+    def _concepts(areas: list[Tensor], embeddings: list[Tensor]) -> Tensor:
+        """(C, D) mean embedding of each class's pixels."""
+        sums = sum(a.double().T @ e.double() for a, e in zip(areas, embeddings, strict=True))
+        count = sum(a.sum(0) for a in areas).double()
+        return sums / count.clamp_min(1)[:, None]
+
+    def _assign(self, areas: Tensor, embeddings: Tensor, available: Tensor, concepts: Tensor) -> None:
+        used = areas.sum(1) > 0
+        if not used.any():
+            return
+        cls = _nearest_concept(embeddings[used], concepts, available.cpu())
+        conf = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
+        conf.index_add_(0, cls, areas[used].cpu())
+        self.confusion += conf.to(self.confusion.device)
+
+    def compute(self) -> dict[str, Tensor]:
+        confusion = self.confusion.clone()
+        if self.concepts == "dataset":
+            # a list per image; after a DDP sync one tensor concatenated along K (masks are independent)
+            areas = self.areas if isinstance(self.areas, list) else [self.areas]
+            embs = self.embeddings if isinstance(self.embeddings, list) else [self.embeddings]
+            areas, embs = [a.cpu() for a in areas], [e.cpu() for e in embs]
+            if areas:
+                concepts = self._concepts(areas, embs)
+                available = sum(a.sum(0) for a in areas) > 0
+                saved, self.confusion = self.confusion, torch.zeros_like(self.confusion)
+                for a, e in zip(areas, embs, strict=True):
+                    self._assign(a, e, available, concepts)
+                confusion, self.confusion = self.confusion + saved, saved
+        conf = confusion.cpu().numpy()
+        tp = np.diag(conf)
+        scores = _iou_scores(tp, conf.sum(1) - tp, conf.sum(0) - tp, int(conf.sum()))
+        return {
+            "miou": torch.tensor(scores["miou"], dtype=torch.float64),
+            "pixel_accuracy": torch.tensor(scores["pixel_accuracy"], dtype=torch.float64),
+            "per_class_iou": torch.from_numpy(scores["per_class_iou"]),
+            "confusion": torch.from_numpy(conf),
+        }

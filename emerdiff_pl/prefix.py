@@ -1,11 +1,11 @@
-"""Shared prefix of the t_m call: what runs before the modulated layer is computed once per image (SPEC §1.4).
+"""Shared prefix of the t_m call: what runs before the modulated layer is computed once per image.
 
 At t_m every branch row of an image starts from the same x_{t_m} and nothing differs between rows until the
 modulated layer adds ±λ·M_i, so every module that finishes before that layer starts (conv_in, the time
 embedding, the down blocks, the mid block, the first up blocks, …) gets identical rows. `PrefixSharing` learns
 that set of modules from the execution order of one U-Net call; between `share(rows)` and `stop()` it runs
 each of them on one representative row per image and expands the result back to every row. Forward hooks, not a
-patched forward: the U-Net is diffusers' own, and the hooks do nothing outside the t_m call.
+patched forward: the U-Net is diffusers' own, and the hooks do nothing outside the t_m call (docs/method.md §4).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
-from emerdiff_pl.attention import AttentionStore
+from emerdiff_pl.attention import AttentionController
 
 
 def prefix_modules(order: list[tuple[str, str]], layer: str) -> list[str]:
@@ -43,17 +43,17 @@ class PrefixSharing:
 
     `trace_next_call()` records the module order of the next U-Net call (any call: the order is static) and
     then hooks the prefix modules. `share(rows)` turns sharing on for the rows of one call (`rows[i]` = image of
-    row i, as `AttentionStore.rows`); `stop()` turns it off.
+    row i, as `AttentionController.rows`); `stop()` turns it off.
     """
 
-    def __init__(self, unet: nn.Module, store: AttentionStore):
-        self.unet, self.store = unet, store
+    def __init__(self, unet: nn.Module, controller: AttentionController):
+        self.unet, self.controller = unet, controller
         self.modules: list[str] = []
         self._handles: list[RemovableHandle] = []
         self._tracer: list[RemovableHandle] = []
         # while sharing: (the first row of each image, each row's image slot)
         self._plan: tuple[Tensor, Tensor] | None = None
-        self._saved_rows: Tensor | None = None  # store.rows while a prefix module runs reduced
+        self._saved_rows: Tensor | None = None  # controller.rows while a prefix module runs reduced
         self._reduced = False  # a prefix module is running on one row per image
 
     @property
@@ -71,7 +71,7 @@ class PrefixSharing:
             def hook(module, args, output):
                 order.append(("exit", name))
                 if name == "":  # the U-Net call is over
-                    self.hook(prefix_modules(order, self.store.modulated_layer))
+                    self.hook(prefix_modules(order, self.controller.modulated_layer))
 
             return hook
 
@@ -122,9 +122,8 @@ class PrefixSharing:
         def pick(t):
             return t[first] if isinstance(t, Tensor) and t.ndim and t.shape[0] == rows else t
 
-        self._saved_rows = self.store.rows
-        if self.store.rows is not None:  # the processors index recorded tensors by image
-            self.store.rows = self.store.rows[first]
+        # the processors index recorded tensors by image: they see the representative rows' images
+        self._saved_rows = self.controller.narrow_rows(first)
         self._reduced = True
         return pytree.tree_map(pick, args), pytree.tree_map(pick, kwargs)
 
@@ -132,7 +131,8 @@ class PrefixSharing:
         if self._plan is None or not self._reduced:
             return None
         first, inverse = self._plan
-        self.store.rows, self._saved_rows, self._reduced = self._saved_rows, None, False
+        self.controller.restore_rows(self._saved_rows)
+        self._saved_rows, self._reduced = None, False
 
         def spread(t):
             return t[inverse] if isinstance(t, Tensor) and t.ndim and t.shape[0] == len(first) else t

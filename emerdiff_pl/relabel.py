@@ -11,6 +11,7 @@ The centroids are saved so the same mapping can be applied to new data (``--cent
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -22,11 +23,14 @@ import numpy as np
 import torch
 
 from emerdiff_pl.shardio import (
+    ImageDecodeError,
     TarWriter,
     decode_field,
+    decode_image,
     encode_json,
     encode_label_png,
     expand_urls,
+    image_field,
     iter_raw_samples,
 )
 
@@ -193,11 +197,11 @@ def relabel_sample(
             meta["relabel"] = {**info, "mapping": mapping.tolist()}
             out[field] = encode_json(meta)
         elif field == "overlay.jpg":
-            image_field = next((f for f in ("jpg", "jpeg", "png") if f in raw), None)
-            if image_field is not None and SEG_FIELD in raw:
-                image = decode_field(image_field, raw[image_field])
-                seg = mapping[decode_field(SEG_FIELD, raw[SEG_FIELD]).astype(np.int64)]
-                if image.ndim == 3:
+            fields = {f: v for f, v in raw.items() if not f.startswith("__")}
+            with contextlib.suppress(ImageDecodeError):  # the one image-field rule and decoder of shardio
+                image = decode_image(image_field(fields))
+                if SEG_FIELD in raw:
+                    seg = mapping[decode_field(SEG_FIELD, raw[SEG_FIELD]).astype(np.int64)]
                     out[field] = _overlay_jpeg(image, seg)
             # without the image the stale per-image overlay is dropped
         else:

@@ -1,9 +1,12 @@
-"""EmerDiffSegmenter: image-resolution unsupervised masks from a frozen Stable Diffusion model (SPEC §1)."""
+"""EmerDiffSegmenter: image-resolution unsupervised masks from a frozen Stable Diffusion model.
+
+A thin LightningModule: it loads the frozen components, applies the runtime policy (emerdiff_pl.runtime) and
+runs the method's steps (emerdiff_pl.method, docs/method.md) in order. `segment` is the Python interface,
+`predict_step` the batch path of `Trainer.predict`.
+"""
 
 from __future__ import annotations
 
-import logging
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -14,39 +17,18 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderTiny
 from torch import Tensor
-from torchvision.transforms.v2.functional import gaussian_blur
 
 from emerdiff_pl import attention as attn
+from emerdiff_pl import method, runtime
 from emerdiff_pl.backbone import Backbone, load_backbone, load_taesd
-from emerdiff_pl.inversion import (
-    NoiseSchedule,
-    Trajectory,
-    denoising_timesteps,
-    invert,
-    sample_trajectory_latents,
-)
-from emerdiff_pl.kmeans import batched_kmeans, canonical_order, relabel
-from emerdiff_pl.layout import to_channels_last
+from emerdiff_pl.data import RESIZE_MODES, model_input_size, size_unit
+from emerdiff_pl.inversion import NoiseSchedule, Trajectory, denoising_timesteps
 from emerdiff_pl.prefix import PrefixSharing
-
-log = logging.getLogger(__name__)
+from emerdiff_pl.refine import PAMR_DILATIONS, check_refine_options, refine
+from emerdiff_pl.runtime import AUTO_MAX_ROWS_512, auto_branch_rows
 
 FEATURE_LAYER = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
 MODULATED_LAYER = "up_blocks.1.attentions.2.transformer_blocks.0.attn2"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-AUTO_MAX_ROWS_512 = 16  # max_branch_batch=auto on CUDA: branch rows per U-Net call at 512² (scaled by area)
-
-
-def auto_branch_rows(free_bytes: int, resolution: int, itemsize: int = 2) -> int:
-    """`max_branch_batch: auto` on CUDA: branch rows per U-Net call from free device memory.
-
-    At most 16 rows at 512² (scaled by area): an H200 gives the same rows/s at 16, 24 and 40 rows while peak
-    memory grows 6.9 → 12.5 GB (BENCHMARKS.md). The memory bound keeps a conservative 1.2 GB per 512² row in
-    bf16 within 70 % of free memory (measured: ≈ 0.3 GB); a CUDA OOM still halves the chunk and retries.
-    """
-    area = (resolution / 512) ** 2
-    per_row = 1.2e9 * area * itemsize / 2
-    return max(2, min(int(AUTO_MAX_ROWS_512 / area), int(0.7 * free_bytes / per_row)))
 
 
 @dataclass
@@ -63,18 +45,26 @@ class EmerDiffSegmenter(L.LightningModule):
     Args:
         pretrained: hub id, local diffusers folder, shipped model name (`toyworld-ldm`) or `tiny-random`.
         method: `emerdiff`, or `lowres_bilinear` — the same low-res masks upsampled bilinearly (the paper's baseline).
-        resolution: side of the square the image is resized to for the model (SD 1.x: 512).
+        resolution: side of the square the image is resized to for the model (SD 1.x: 512); under
+            `keep_aspect` the side of a square of the model input's area.
+        resize: `keep_aspect` (area ≈ resolution² at the image's aspect ratio, up to 4:1, each side a multiple
+            of `resize_multiple`) or `square` (resolution², squashed: the paper's setting). data.resize follows it.
+        resize_multiple: `keep_aspect`'s side step: a multiple of the VAE factor × the U-Net's total
+            downsampling (SD: 8 × 8 = 64; checked when the model loads).
         num_masks: K, clusters of the feature layer's query vectors.
         num_inference_steps: length of the DDPM schedule the timesteps below live on (50 → {981, …, 21, 1}).
         feature_timestep: t_f, where the query vectors are read.
         modulation_timestep: t_m, the single U-Net call where the modulated layer's output gets ±λ·M_i.
         modulation_strength: λ.
         steps_after_modulation: denoise from t_m in this many evenly spaced steps (None: every schedule step).
-        feature_layer / modulated_layer: attention layer names (`….attn2` = cross-attention).
-        attention_injection: reuse the reference run's attention maps in every branch (SPEC §1.5).
+        feature_layer: the attention layer whose query vectors are clustered into the K low-res masks
+            (`….attn2` = cross-attention; a wrong name is reported with the valid ones).
+        modulated_layer: the attention layer whose output gets ±λ·M_i at t_m.
+        attention_injection: reuse the reference run's attention maps in every branch (docs/method.md §5).
         difference: `two_sided` ‖I⁻ − I⁺‖ (2K branches) or `one_sided` ‖I⁺ − I_ref‖ (K branches, faster).
         gaussian_sigma: σ of the Gaussian smoothing of each difference map, pixels at model resolution (0: off).
-        kmeans_n_init / kmeans_max_iter: k-means restarts (best inertia kept) and Lloyd iterations.
+        kmeans_n_init: k-means restarts per image (the one with the lowest inertia is kept).
+        kmeans_max_iter: Lloyd iterations per k-means restart.
         seed: every image is seeded with it (noise and k-means), so a result depends only on image and settings.
         max_branch_batch: branches per U-Net call (even), or `auto` (on CUDA: from free memory, at most 16 at 512²;
             32 on CPU).
@@ -83,12 +73,24 @@ class EmerDiffSegmenter(L.LightningModule):
         channels_last: on CUDA, U-Net and decoders in channels-last memory format (faster convolutions);
             GroupNorms and attention blocks keep activations channels-last too (emerdiff_pl.layout; in eager
             mode the GroupNorm runs as Triton kernels, emerdiff_pl.triton_norm). No effect on CPU.
+        group_norm_kernel: the NHWC GroupNorm on CUDA: `auto` (Triton kernels where a probe passes), `triton`
+            or `torch` (torch ops; the measurement without the kernels).
+        prefix_sharing: at the t_m call, run what precedes the modulated layer once per image instead of once
+            per branch row (emerdiff_pl.prefix; eager only, same maps). False: the measurement without it.
+        batched_reference: run several reference steps per U-Net call (as many as a branch chunk has rows);
+            False: one call per step (the measurement before the batched inversion). Same results.
         compile: `torch.compile` the U-Net and the branch decoder (default mode; the batch size turns symbolic
             when it first changes). The first images pay the compilation; `segment(naive=True)` runs eagerly.
         decoder: what decodes the branch images into difference maps: the model's `vae`, or `taesd` (a tiny
             distilled decoder, far cheaper than the VAE's); images are always encoded by the VAE.
         taesd_model: the AutoencoderTiny of `decoder: taesd`: hub id, local folder, `tiny-random` (random
             weights, fits the backbone's latents) or `sd14-arch` (full size, random weights; benchmarks only).
+        refine: a training-free refiner of the score maps before the argmax, guided by the image
+            (emerdiff_pl.refine): `none`, `guided` (guided filter), `bilateral` (joint bilateral), `pamr`.
+        refine_iterations: `pamr`'s rounds.
+        refine_dilations: `pamr`'s neighbour dilations (pixels at model resolution).
+        refine_radius: `guided` / `bilateral` window radius, pixels at model resolution.
+        refine_eps: `guided`'s ε, a colour variance in [0, 1] RGB units (`bilateral`: colour σ = √ε).
     """
 
     def __init__(
@@ -96,6 +98,8 @@ class EmerDiffSegmenter(L.LightningModule):
         pretrained: str = "CompVis/stable-diffusion-v1-4",
         method: Literal["emerdiff", "lowres_bilinear"] = "emerdiff",
         resolution: int = 512,
+        resize: Literal["keep_aspect", "square"] = "keep_aspect",
+        resize_multiple: int = 64,
         num_masks: int = 20,
         num_inference_steps: int = 50,
         feature_timestep: int = 1,
@@ -114,9 +118,17 @@ class EmerDiffSegmenter(L.LightningModule):
         dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
         attention_backend: Literal["auto", "sdpa", "xformers"] = "auto",
         channels_last: bool = True,
+        group_norm_kernel: Literal["auto", "triton", "torch"] = "auto",
+        prefix_sharing: bool = True,
+        batched_reference: bool = True,
         compile: bool = False,
         decoder: Literal["vae", "taesd"] = "vae",
         taesd_model: str = "madebyollin/taesd",
+        refine: Literal["none", "guided", "bilateral", "pamr"] = "none",
+        refine_iterations: int = 10,
+        refine_dilations: tuple[int, ...] = PAMR_DILATIONS,
+        refine_radius: int = 8,
+        refine_eps: float = 1e-2,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -126,16 +138,24 @@ class EmerDiffSegmenter(L.LightningModule):
             raise ValueError(f"difference must be two_sided or one_sided, got {difference!r}")
         if decoder not in ("vae", "taesd"):
             raise ValueError(f"decoder must be vae or taesd, got {decoder!r}")
+        if group_norm_kernel not in ("auto", "triton", "torch"):
+            raise ValueError(f"group_norm_kernel must be auto, triton or torch, got {group_norm_kernel!r}")
         if num_masks < 1 or resolution < 8:
             raise ValueError(f"need num_masks ≥ 1 and resolution ≥ 8, got {num_masks} and {resolution}")
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+        if resize_multiple < 1:
+            raise ValueError(f"resize_multiple must be ≥ 1, got {resize_multiple}")
         if max_branch_batch != "auto" and (not isinstance(max_branch_batch, int) or max_branch_batch < 1):
             raise ValueError(f"max_branch_batch must be a positive int or 'auto', got {max_branch_batch!r}")
+        check_refine_options(refine, refine_iterations, refine_dilations, refine_radius, refine_eps)
         self.backbone: Backbone | None = None
         self.taesd: AutoencoderTiny | None = None
         self.backend: attn.Backend | None = None
         self._channels_last_device: torch.device | None = None
-        self.store = attn.AttentionStore(feature_layer, modulated_layer)
+        self.controller = attn.AttentionController(feature_layer, modulated_layer)
         self.prefix: PrefixSharing | None = None
+        self._input_hw: tuple[int, int] = (resolution, resolution)  # the model input of the current batch
 
     # ------------------------------------------------------------------ setup
     def _target_device(self) -> torch.device:
@@ -143,10 +163,8 @@ class EmerDiffSegmenter(L.LightningModule):
         return trainer.strategy.root_device if trainer is not None else self.device
 
     def compute_dtype(self) -> torch.dtype:
-        name = self.hparams.dtype
-        if name == "auto":
-            return torch.bfloat16 if self._target_device().type == "cuda" else torch.float32
-        return _DTYPES[name]
+        """The dtype of the frozen components: `dtype`, where `auto` is bfloat16 on CUDA, float32 elsewhere."""
+        return runtime.compute_dtype(self.hparams.dtype, self._target_device())
 
     def configure_model(self) -> None:
         """Load the frozen components once (Lightning calls this before moving the module to its device)."""
@@ -160,15 +178,14 @@ class EmerDiffSegmenter(L.LightningModule):
         if hp.decoder == "taesd":
             self.taesd = load_taesd(hp.taesd_model, backbone.vae, self.compute_dtype())
         if hp.compile:
-            # compiled lazily at the first call; dynamic=None: a second batch size recompiles once with a
-            # symbolic batch (latent H, W stay static), so chunks of any size share one graph. The branch
-            # decoder too: 2K decodes per image, as memory-bound in eager mode as the U-Net (BENCHMARKS.md)
-            self.unet.compile(dynamic=None)
-            (self.taesd or backbone.vae).decoder.compile(dynamic=None)
-        elif hp.method == "emerdiff":
+            # the branch decoder too: 2K decodes per image, as memory-bound in eager mode as the U-Net
+            # (BENCHMARKS.md)
+            runtime.compile_modules((self.unet, (self.taesd or backbone.vae).decoder))
+        elif hp.method == "emerdiff" and hp.prefix_sharing:
             # eager only: compiled, the t_m call would need a second graph for ≈ 3 % of the U-Net FLOPs
-            self.prefix = PrefixSharing(self.unet, self.store)
+            self.prefix = PrefixSharing(self.unet, self.controller)
             self.prefix.trace_next_call()  # the first reference call; the module order is static
+        self._check_resize_multiple(backbone)
         self.backbone = backbone
         self.schedule = NoiseSchedule(backbone.scheduler)
         self.timesteps = denoising_timesteps(
@@ -196,12 +213,9 @@ class EmerDiffSegmenter(L.LightningModule):
             and self.device.type == "cuda"
             and self._channels_last_device != self.device
         ):
-            for module in (self.unet, self.vae, self.taesd):
-                if module is None:
-                    continue
-                # GroupNorm outputs stay NHWC too (no layout copies around each norm). Under compile, inductor
-                # fuses the NHWC norm's torch ops (the Triton kernels are for eager): 44.2 % of peak on an H200.
-                to_channels_last(module)
+            # GroupNorm outputs stay NHWC too (no layout copies around each norm). Under compile, inductor
+            # fuses the NHWC norm's torch ops (the Triton kernels are for eager): 44.2 % of peak on an H200.
+            runtime.apply_channels_last((self.unet, self.vae, self.taesd), self.hparams.group_norm_kernel)
             self._channels_last_device = self.device
 
     def run_info(self) -> dict[str, Any]:
@@ -226,19 +240,44 @@ class EmerDiffSegmenter(L.LightningModule):
             },
         }
 
-    # ------------------------------------------------------------------ method
-    def _unet(self, x: Tensor, t: int | Tensor, emb: Tensor) -> Tensor:
-        """One U-Net call; `t` is one timestep for every row or a tensor with each row's."""
+    # ------------------------------------------------------------------ the frozen model
+    def call_unet(self, x: Tensor, t: int | Tensor, emb: Tensor) -> Tensor:
+        """Every U-Net call of the method goes through here (`t`: one timestep for every row, or a tensor with
+        each row's); wrap it to count calls and rows (benchmarks/throughput.py's `count_unet_calls`)."""
         dtype = self.unet.dtype
         timestep = t.to(x.device) if isinstance(t, Tensor) else torch.full((x.shape[0],), t, device=x.device)
         return self.unet(x.to(dtype), timestep, encoder_hidden_states=emb.expand(x.shape[0], -1, -1)).sample
 
-    def encode(self, images: Tensor) -> Tensor:
-        """[0, 1] images at any size → VAE latent means × scaling factor (B, C, h, w), float32."""
-        size = self.hparams.resolution
+    def model_input_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) the model sees for an H×W image (`resize`, `resolution`, `resize_multiple`; data.py)."""
+        hp = self.hparams
+        return model_input_size(height, width, hp.resolution, hp.resize, hp.resize_multiple)
+
+    def _check_resize_multiple(self, backbone: Backbone) -> None:
+        """`keep_aspect` sides must divide by VAE factor × U-Net downsampling, or a grid would not be whole."""
+        hp = self.hparams
+        try:
+            vae_factor = 2 ** (len(backbone.vae.config.block_out_channels) - 1)
+            unet_factor = 2 ** (len(backbone.unet.config.down_block_types) - 1)
+        except (AttributeError, TypeError):
+            return
+        need = vae_factor * unet_factor
+        unit = size_unit(hp.resolution, hp.resize_multiple)
+        if hp.resize == "keep_aspect" and unit % need:
+            raise ValueError(
+                f"keep_aspect sides step by {unit} (resolution {hp.resolution}, resize_multiple "
+                f"{hp.resize_multiple}) but {hp.pretrained} needs multiples of {need} (VAE ×{vae_factor}, U-Net "
+                f"×{unet_factor}): set model.resize_multiple to a multiple of {need}"
+            )
+
+    def encode(self, images: Tensor, resized: bool = False) -> Tensor:
+        """[0, 1] images at any size → VAE latent means × scaling factor (B, C, h, w), float32, the images
+        resized to `model_input_size` first unless `resized` (DataModule batches already are)."""
+        size = tuple(images.shape[-2:]) if resized else self.model_input_size(*images.shape[-2:])
+        self._input_hw = size
         x = images.to(self.device, torch.float32)
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        if x.shape[-2:] != size:
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
         x = (x * 2 - 1).to(self.vae.dtype)
         return self.vae.encode(x).latent_dist.mean.float() * self.vae.config.scaling_factor
 
@@ -254,215 +293,100 @@ class EmerDiffSegmenter(L.LightningModule):
         ]
         return torch.cat(parts)
 
-    def _reference_pass(
-        self, x0: Tensor, seeds: list[int], record: attn.Record
-    ) -> tuple[Trajectory | None, Tensor]:
-        """Sample the trajectory, run the unmodified U-Net over it (recording for injection), read the features.
-
-        Returns (trajectory or None for lowres_bilinear, features (B, N, C))."""
-        hp, store = self.hparams, self.store
+    def frozen_model(self) -> method.FrozenModel:
+        """The frozen pieces as emerdiff_pl.method drives them (U-Net calls with the empty prompt)."""
+        self._ensure_ready()
         emb = self.backbone.empty_prompt_embedding().to(self.unet.dtype)
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        every = sample_trajectory_latents(self.schedule, x0, self.schedule_timesteps, generators)
-        latents = every[[self.schedule_timesteps.index(t) for t in self.timesteps]]
-        store.clear()
-        store.record, store.read_features = record, True
-        attn.install(self.unet, store, self.backend, attn.CaptureProcessor, modulate=False)
-        trajectory = None
-        if hp.method == "emerdiff":
+        return method.FrozenModel(
+            unet=self.unet,
+            call=lambda x, t: self.call_unet(x, t, emb),
+            decode=self.decode,
+            schedule=self.schedule,
+            controller=self.controller,
+            backend=self.backend,
+            prefix=self.prefix,
+        )
 
-            def unet_fn(x: Tensor, t: Tensor, steps: list[int]) -> Tensor:
-                store.begin_steps(steps)
-                out = self._unet(x, t, emb)
-                store.end_steps()
-                return out
+    def remove_hooks(self) -> None:
+        """Take prefix sharing's hooks off the U-Net (for a U-Net another segmenter shares next); the model then
+        runs as with `prefix_sharing: false`."""
+        if self.prefix is not None:
+            self.prefix.remove()
+            self.prefix = None
 
-            # the steps are independent: as many per U-Net call as a branch chunk has rows
-            steps_per_call = min(len(self.timesteps), max(1, self._rows_per_call() // x0.shape[0]))
-            while True:
-                try:
-                    trajectory = invert(unet_fn, self.schedule, latents, self.timesteps, steps_per_call)
-                    break
-                except torch.OutOfMemoryError:
-                    if steps_per_call == 1:
-                        raise
-                    steps_per_call = _halve_after_oom(steps_per_call, "reference steps")
-        if trajectory is not None and hp.feature_timestep in self.timesteps:
-            feature_step = self.timesteps.index(hp.feature_timestep)
-        else:  # lowres_bilinear, or t_f outside the denoised span: one call at t_f
-            feature_step = -1
-            store.record = "none"
-            store.begin_step(feature_step)
-            self._unet(every[self.schedule_timesteps.index(hp.feature_timestep)], hp.feature_timestep, emb)
-            store.record = record
-        (features,) = store.saved[feature_step][attn.FEATURES]
-        for recorded in store.saved.values():  # the queries of the other steps are not needed
-            recorded.pop(attn.FEATURES, None)
-        store.read_features = False
-        return trajectory, features
+    def rows_per_call(self) -> int:
+        """U-Net rows per call: `max_branch_batch`, or for `auto` from free CUDA memory (32 on CPU)."""
+        hp = self.hparams
+        # auto scales with the model input's area
+        return runtime.rows_per_call(hp.max_branch_batch, self.device, self._input_hw, self.unet.dtype)
 
-    def _lowres_masks(
+    # ------------------------------------------------------------------ the method's steps
+    def reference_pass(
+        self, x0: Tensor, seeds: list[int], record: attn.RecordKind
+    ) -> tuple[Trajectory | None, Tensor]:
+        """Trajectory (None for lowres_bilinear) and the t_f query vectors (B, N, C) of latents x0."""
+        hp = self.hparams
+        steps_per_call = 1
+        if hp.batched_reference:
+            steps_per_call = min(len(self.timesteps), max(1, self.rows_per_call() // x0.shape[0]))
+        return method.reference_pass(
+            self.frozen_model(),
+            x0,
+            seeds,
+            self.schedule_timesteps,
+            self.timesteps if hp.method == "emerdiff" else None,
+            hp.feature_timestep,
+            record,
+            steps_per_call,
+        )
+
+    def lowres_masks(
         self, features: Tensor, seeds: list[int], latent_hw: tuple[int, int]
     ) -> tuple[Tensor, Tensor]:
-        """k-means of the feature-layer queries → canonical low-res labels (B, h, w) and mask embeddings (B, K, C)."""
+        """Low-res labels (B, h, w) and mask embeddings (B, K, C) of the query vectors."""
         hp = self.hparams
-        batch, n, _ = features.shape
-        h, w = _token_grid(n, latent_hw)
-        if hp.num_masks > n:
-            raise ValueError(
-                f"num_masks={hp.num_masks} exceeds the {n} feature vectors of {hp.feature_layer} ({h}×{w} at "
-                f"resolution {hp.resolution}); lower num_masks or raise resolution"
-            )
-        result = batched_kmeans(
-            features, hp.num_masks, n_init=hp.kmeans_n_init, max_iter=hp.kmeans_max_iter, seeds=seeds
+        return method.lowres_masks(
+            features, hp.num_masks, seeds, latent_hw, hp.kmeans_n_init, hp.kmeans_max_iter
         )
-        perm = canonical_order(result.labels, hp.num_masks)
-        labels = relabel(result.labels, perm)
-        one_hot = F.one_hot(labels, hp.num_masks).float()  # (B, N, K)
-        embeddings = (one_hot.transpose(1, 2) @ features) / one_hot.sum(1).clamp_min(1).unsqueeze(-1)
-        return labels.view(batch, h, w), embeddings
 
-    def _rows_per_call(self) -> int:
-        """U-Net rows per call: `max_branch_batch`, or for `auto` from free CUDA memory (32 on CPU)."""
-        setting = self.hparams.max_branch_batch
-        if setting != "auto":
-            return setting
-        if self.device.type != "cuda":
-            return 32
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return auto_branch_rows(free, self.hparams.resolution, self.unet.dtype.itemsize)
+    def layer_grid(self, trajectory: Trajectory) -> tuple[int, int]:
+        """(h, w) token grid of the modulated layer."""
+        n = self.controller.tokens[self.hparams.modulated_layer]
+        return method.token_grid(n, tuple(trajectory.latents.shape[-2:]))
 
-    def _chunk_size(self, total: int) -> int:
-        chunk = min(self._rows_per_call(), total)
-        if self.hparams.difference == "two_sided":
-            chunk = max(2, chunk - chunk % 2)  # keep both signs of a mask in the same chunk
-        return chunk
-
-    def _branch_plan(self, lowres: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """Each branch row's image and modulation (R, N); rows are ordered image → mask → sign (−, +)."""
+    def branch_plan(self, lowres: Tensor, trajectory: Trajectory) -> method.BranchPlan:
+        """Every (image, mask, sign) branch row of the batch."""
         hp = self.hparams
-        batch, k = lowres.shape[0], hp.num_masks
-        signs = (-1.0, 1.0) if hp.difference == "two_sided" else (1.0,)
-        masks = F.one_hot(lowres, k).permute(0, 3, 1, 2).float()  # (B, K, h, w)
-        if masks.shape[-2:] != grid:
-            masks = F.interpolate(masks, size=grid, mode="nearest")
-        image = torch.arange(batch).repeat_interleave(k * len(signs))
-        mask = torch.arange(k).repeat_interleave(len(signs)).repeat(batch)
-        sign = torch.tensor(signs).repeat(batch * k)
-        modulation = sign[:, None] * hp.modulation_strength * masks[image, mask].flatten(1).cpu()
-        return image, modulation
+        return method.branch_plan(
+            lowres, hp.num_masks, self.layer_grid(trajectory), hp.modulation_strength, self.two_sided
+        )
 
-    def _denoise(
-        self,
-        trajectory: Trajectory,
-        image: Tensor,
-        modulation: Tensor | None,
-        emb: Tensor,
-        path: list[Tensor] | None = None,
-    ) -> Tensor:
-        """Run branch rows from x_{t_m} to t = 0 with the processors installed; `path` collects every x_t."""
-        store, device = self.store, self.device
-        store.rows = image.to(device)
-        store.modulation = None if modulation is None else modulation.to(device)
-        x = trajectory.latents[0][store.rows]
-        steps = trajectory.timesteps
-        for s, t in enumerate(steps):
-            if path is not None:
-                path.append(x)
-            store.begin_step(s)
-            t_prev = steps[s + 1] if s + 1 < len(steps) else -1
-            # at t_m the rows of one image are identical up to the modulated layer
-            sharing = s == 0 and self.prefix is not None
-            if sharing:
-                self.prefix.share(store.rows)
-            try:
-                eps = self._unet(x, t, emb).float()
-            finally:
-                if sharing:
-                    self.prefix.stop()
-            x = self.schedule.step(x, eps, t, t_prev, trajectory.noise[s][store.rows])
-        return x
+    @property
+    def two_sided(self) -> bool:
+        return self.hparams.difference == "two_sided"
 
-    def _difference_maps(self, trajectory: Trajectory, lowres: Tensor) -> Tensor:
-        """Vectorized branches: every (image, mask, sign) of the batch, in chunks. → d (B, K, R, R)."""
-        hp, store = self.hparams, self.store
-        emb = self.backbone.empty_prompt_embedding().to(self.unet.dtype)
-        image, modulation = self._branch_plan(lowres, self._layer_grid(trajectory))
-        kind = attn.InjectProcessor if hp.attention_injection else attn.CaptureProcessor
-        store.record = "none"
-        attn.install(self.unet, store, self.backend, kind, modulate=True)
-        batch, k, size = lowres.shape[0], hp.num_masks, hp.resolution
-        rgb_ref = None
-        if hp.difference == "one_sided":
-            rgb_ref = self.decode(trajectory.final, self._chunk_size(batch))
-        maps = torch.empty(batch * k, size, size, device=self.device)
-        chunk, start = self._chunk_size(len(image)), 0
-        while start < len(image):
-            rows = slice(start, start + chunk)
-            try:
-                x0 = self._denoise(trajectory, image[rows], modulation[rows], emb)
-                rgb = self.decode(x0, max(1, chunk // 2))
-            except torch.OutOfMemoryError:
-                if chunk <= (2 if hp.difference == "two_sided" else 1):
-                    raise
-                chunk = _halve_after_oom(chunk, "branches", even=hp.difference == "two_sided")
-                continue
-            if rgb_ref is None:  # rows alternate −, +
-                maps[start // 2 : (start + len(rgb)) // 2] = (rgb[0::2] - rgb[1::2]).norm(dim=1)
-            else:
-                maps[start : start + len(rgb)] = (rgb - rgb_ref[image[rows].to(self.device)]).norm(dim=1)
-            start += len(rgb)
-        store.clear()
-        return maps.view(batch, k, size, size)
-
-    def _difference_maps_naive(self, trajectory: Trajectory, lowres: Tensor) -> Tensor:
-        """Reference path: one mask and one sign at a time, explicit attention probabilities recomputed from the
-        unmodified run at every step, no shared computation. Slow; it exists to prove the fast path right."""
-        hp, store = self.hparams, self.store
-        emb = self.backbone.empty_prompt_embedding().to(self.unet.dtype)
-        image, modulation = self._branch_plan(lowres, self._layer_grid(trajectory))
-        one = torch.zeros(1, dtype=torch.long, device=self.device)
-        steps = trajectory.timesteps
-        rgb = []
-        for row in range(len(image)):
-            b = int(image[row])
-            x = trajectory.latents[0][b : b + 1]
-            for s, t in enumerate(steps):
-                store.saved.clear()
-                store.rows, store.modulation = one, modulation[row : row + 1].to(self.device)
-                store.begin_step(s)
-                if hp.attention_injection:  # the reference call at this step, recording probabilities
-                    store.record = "probs"
-                    attn.install(self.unet, store, self.backend, attn.CaptureProcessor, modulate=False)
-                    self._unet(trajectory.latents[s][b : b + 1], t, emb)
-                store.record = "none"
-                kind = attn.InjectProcessor if hp.attention_injection else attn.CaptureProcessor
-                attn.install(self.unet, store, self.backend, kind, modulate=True)
-                t_prev = steps[s + 1] if s + 1 < len(steps) else -1
-                x = self.schedule.step(
-                    x, self._unet(x, t, emb).float(), t, t_prev, trajectory.noise[s][b : b + 1]
-                )
-            rgb.append(self.decode(x, 1))
-        rgb = torch.cat(rgb)
-        if hp.difference == "one_sided":
-            maps = (rgb - self.decode(trajectory.final, 1)[image.to(self.device)]).norm(dim=1)
-        else:
-            maps = (rgb[0::2] - rgb[1::2]).norm(dim=1)
-        store.clear()
-        return maps.view(lowres.shape[0], hp.num_masks, hp.resolution, hp.resolution)
-
-    def _layer_grid(self, trajectory: Trajectory) -> tuple[int, int]:
-        n = self.store.tokens[self.hparams.modulated_layer]
-        return _token_grid(n, tuple(trajectory.latents.shape[-2:]))
+    def difference_maps(self, trajectory: Trajectory, lowres: Tensor, naive: bool = False) -> Tensor:
+        """d (B, K, R, R): the vectorized branches in chunks, or (`naive`) the per-mask, per-sign reference loop."""
+        hp = self.hparams
+        model = self.frozen_model()
+        if naive:
+            return method.difference_maps_naive(
+                model,
+                trajectory,
+                lowres,
+                hp.num_masks,
+                self.layer_grid(trajectory),
+                hp.modulation_strength,
+                self.two_sided,
+                hp.attention_injection,
+            )
+        plan = self.branch_plan(lowres, trajectory)
+        chunk = runtime.branch_chunk(self.rows_per_call(), len(plan.image), self.two_sided)
+        return method.difference_maps(model, trajectory, plan, hp.num_masks, hp.attention_injection, chunk)
 
     def smooth(self, maps: Tensor) -> Tensor:
-        """Gaussian filter of each difference map (σ in pixels at model resolution)."""
-        sigma = self.hparams.gaussian_sigma
-        if sigma <= 0:
-            return maps
-        radius = min(math.ceil(3 * sigma), maps.shape[-1] - 1, maps.shape[-2] - 1)
-        flat = maps.flatten(0, 1).unsqueeze(1)
-        return gaussian_blur(flat, kernel_size=[2 * radius + 1] * 2, sigma=[sigma, sigma]).view_as(maps)
+        """Gaussian filter of each difference map (σ = `gaussian_sigma`, pixels at model resolution)."""
+        return method.smooth(maps, self.hparams.gaussian_sigma)
 
     @torch.no_grad()
     def segment(
@@ -472,11 +396,13 @@ class EmerDiffSegmenter(L.LightningModule):
         seeds: list[int] | None = None,
         output_size: tuple[int, int] | None = None,
         naive: bool = False,
+        resized: bool = False,
     ) -> SegmentationResult:
         """Segment a batch: images (B, 3, H, W) float in [0, 1] → labels (B, H, W) (or `output_size`).
 
         `seeds` (default: `seed` for every image) decide noise and k-means per image. `naive=True` runs the
-        slow per-mask reference path instead of the vectorized one; both give the same labels."""
+        slow per-mask reference path instead of the vectorized one; both give the same labels. `resized`: the
+        images are already at the model input size (DataModule batches; see `model_input_size`)."""
         self._ensure_ready()
         hp = self.hparams
         if images.ndim != 4 or images.shape[1] != 3:
@@ -503,33 +429,41 @@ class EmerDiffSegmenter(L.LightningModule):
         record = "qk" if hp.method == "emerdiff" and hp.attention_injection and not naive else "none"
         # the naive path is the reference, compiled U-Net or not
         with torch.compiler.set_stance("force_eager") if naive and hp.compile else nullcontext():
-            x0 = self.encode(images)
-            trajectory, features = self._reference_pass(x0, seeds, record)
+            x0 = self.encode(images, resized=resized)
+            trajectory, features = self.reference_pass(x0, seeds, record)
             lap("reference_s")
-            lowres, embeddings = self._lowres_masks(features, seeds, tuple(x0.shape[-2:]))
+            lowres, embeddings = self.lowres_masks(features, seeds, tuple(x0.shape[-2:]))
             lap("kmeans_s")
-            size = hp.resolution
             if hp.method == "lowres_bilinear":
-                one_hot = F.one_hot(lowres, hp.num_masks).permute(0, 3, 1, 2).float()
-                scores = F.interpolate(one_hot, size=(size, size), mode="bilinear", align_corners=False)
+                scores = method.lowres_bilinear_scores(lowres, hp.num_masks, self._input_hw)
             else:
-                maps = (
-                    self._difference_maps_naive(trajectory, lowres)
-                    if naive
-                    else self._difference_maps(trajectory, lowres)
-                )
-                scores = self.smooth(maps)
+                scores = self.smooth(self.difference_maps(trajectory, lowres, naive=naive))
                 lap("branches_s")
-        labels = scores.argmax(1, keepdim=True).float()
-        labels = F.interpolate(labels, size=(out_h, out_w), mode="nearest-exact").squeeze(1).long()
+        scores = self.refine_scores(scores, images)
+        if hp.refine != "none":
+            lap("refine_s")
+        labels = method.assign(scores, (out_h, out_w))
         lap("assign_s")
         return SegmentationResult(labels.cpu(), lowres.cpu(), embeddings.float().cpu(), timings)
+
+    def refine_scores(self, scores: Tensor, images: Tensor) -> Tensor:
+        """The `refine` step: score maps (B, K, R, R) → refined maps, the images (B, 3, H, W) as guide."""
+        hp = self.hparams
+        return refine(
+            scores,
+            images,
+            hp.refine,
+            iterations=hp.refine_iterations,
+            dilations=hp.refine_dilations,
+            radius=hp.refine_radius,
+            eps=hp.refine_eps,
+        )
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, Any]:
         """One DataModule batch (docs/interfaces.md) → per-sample labels at original size, for the writer."""
         start = time.perf_counter()
         images = batch["image"]
-        result = self.segment(images)
+        result = self.segment(images, resized=True)
         labels = []
         if len(images):
             labels = [
@@ -544,6 +478,7 @@ class EmerDiffSegmenter(L.LightningModule):
             "original": batch.get("original", []),
             "labels": labels,
             "lowres_labels": result.lowres_labels,
+            "model_size": [int(v) for v in images.shape[-2:]] if len(images) else None,
             "mask_embeddings": result.mask_embeddings,
             "failures": batch.get("failures", []),
             "seconds": time.perf_counter() - start,
@@ -551,25 +486,11 @@ class EmerDiffSegmenter(L.LightningModule):
         }
 
 
-def _halve_after_oom(n: int, what: str, even: bool = False) -> int:
-    """After a CUDA OOM with `n` `what` per U-Net call: free the cache, return the halved count (even: ≥ 2,
-    keeping both signs of a mask together)."""
-    new = max(1, n // 2)
-    if even:
-        new = max(2, new - new % 2)
-    log.warning("CUDA out of memory with %d %s per call; retrying with %d", n, what, new)
-    torch.cuda.empty_cache()
-    return new
-
-
-def _token_grid(n: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
-    """(h, w) of a layer with n raster-order tokens in a U-Net over latents of size latent_hw."""
-    lat_h, lat_w = latent_hw
-    factor = math.sqrt(lat_h * lat_w / n)
-    h, w = round(lat_h / factor), round(lat_w / factor)
-    if h * w != n:
-        raise ValueError(f"cannot place {n} tokens on a grid for latents {lat_h}×{lat_w}")
-    return h, w
-
-
-__all__ = ["EmerDiffSegmenter", "SegmentationResult", "FEATURE_LAYER", "MODULATED_LAYER"]
+__all__ = [
+    "AUTO_MAX_ROWS_512",
+    "EmerDiffSegmenter",
+    "FEATURE_LAYER",
+    "MODULATED_LAYER",
+    "SegmentationResult",
+    "auto_branch_rows",
+]

@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -149,7 +150,9 @@ def contact_sheet(
     legend: Sequence[tuple[str, Sequence[tuple[int, str]]]] = (),
     cell_height: int = 192,
 ) -> Image.Image:
-    """Grid image: one row per sample, one column per title; cells are (H×W×3 uint8, nearest-resize) or None."""
+    """Grid image: one row per sample, one column per title; cells are (H×W×3 uint8, nearest-resize) or None.
+
+    ``legend`` sections hold (palette index, text) entries: a swatch of :func:`palette` colour and its text."""
     ncols = len(titles)
     cell_w = cell_height * 4 // 3
     pad, head, label_w = 6, 24, 0
@@ -182,17 +185,18 @@ def contact_sheet(
     for section, entries in legend:
         draw.text((pad, y0), section, fill=(230, 230, 230), font=font)
         colors = palette(max((i for i, _ in entries), default=0) + 1)
-        for n, (class_id, name) in enumerate(entries):
+        for n, (color_id, text) in enumerate(entries):
             x = pad + (n % legend_cols) * 180
             y = y0 + 20 + (n // legend_cols) * 20
-            draw.rectangle([x, y + 2, x + 14, y + 16], fill=tuple(int(v) for v in colors[class_id]))
-            draw.text((x + 20, y + 1), f"{class_id} {name}"[:22], fill=(230, 230, 230), font=font)
+            draw.rectangle([x, y + 2, x + 14, y + 16], fill=tuple(int(v) for v in colors[color_id]))
+            draw.text((x + 20, y + 1), text[:22], fill=(230, 230, 230), font=font)
         y0 += 30 + 20 * -(-len(entries) // legend_cols)
     return sheet
 
 
 def load_class_names(spec: str | None, num: int | None = None) -> list[str] | None:
-    """Class names from a known dataset name (``cocostuff27``, ``cityscapes27``) or a text file (one a line)."""
+    """Class names from a known dataset name (``cocostuff27``, ``cityscapes27``, ``toyworld``) or a text file
+    (one a line)."""
     if spec is None:
         return None
     from emerdiff_pl.datasets import CLASS_NAMES
@@ -211,6 +215,50 @@ def load_class_names(spec: str | None, num: int | None = None) -> list[str] | No
     return names
 
 
+# --------------------------------------------------------------------------------------------------------------
+# colours matched to the ground truth
+# --------------------------------------------------------------------------------------------------------------
+
+
+def match_to_gt(pairs: Sequence[tuple[np.ndarray, np.ndarray]], ignore_index: int = 255) -> dict[int, int]:
+    """Hungarian match of predicted ids to ground-truth classes, maximising the pixels they share over all
+    ``pairs`` of (prediction, ground truth); predictions of another size are resized (nearest) to the GT's.
+    Only pairs that overlap are returned; unmatched ids (more clusters than classes) are left out."""
+    from scipy.optimize import linear_sum_assignment
+
+    pred_ids: list[np.ndarray] = []
+    gt_ids: list[np.ndarray] = []
+    for pred, gt in pairs:
+        pred = resize_labels_nearest(np.asarray(pred), np.asarray(gt).shape[:2]).astype(np.int64)
+        gt = np.asarray(gt).astype(np.int64)
+        valid = gt != ignore_index
+        pred_ids.append(pred[valid])
+        gt_ids.append(gt[valid])
+    if not pred_ids or not sum(p.size for p in pred_ids):
+        return {}
+    pred_all, gt_all = np.concatenate(pred_ids), np.concatenate(gt_ids)
+    n_pred, n_gt = int(pred_all.max()) + 1, int(gt_all.max()) + 1
+    confusion = np.bincount(pred_all * n_gt + gt_all, minlength=n_pred * n_gt).reshape(n_pred, n_gt)
+    rows, cols = linear_sum_assignment(-confusion)
+    return {int(r): int(c) for r, c in zip(rows, cols, strict=True) if confusion[r, c] > 0}
+
+
+def display_ids(labels: np.ndarray, mapping: dict[int, int], num_gt: int) -> np.ndarray:
+    """Palette indices for predicted ``labels``: a matched id takes its GT class's colour, an unmatched one a
+    colour after the GT classes (``num_gt + id``), so it is never mistaken for a class."""
+    labels = np.asarray(labels).astype(np.int64)
+    top = int(labels.max()) + 1 if labels.size else 1
+    lut = np.arange(top, dtype=np.int64) + num_gt
+    for pred, gt in mapping.items():
+        if pred < top:
+            lut[pred] = gt
+    return lut[labels]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# images next to the predictions: source shards or the folder predict read
+# --------------------------------------------------------------------------------------------------------------
+
 _IMAGE_FIELDS = ("jpg", "jpeg", "webp", "png", "image.jpg", "image.png")
 
 
@@ -222,15 +270,73 @@ def _find_image(sample: dict) -> np.ndarray | None:
     return None
 
 
+class _FolderImages:
+    """The images of a folder under the keys ``predict --data.folder`` gave them."""
+
+    def __init__(self, folder: str):
+        try:  # the light home of the folder listing, where it lives; else the data module's
+            from emerdiff_pl.shardio import list_folder  # type: ignore[attr-defined]
+        except ImportError:
+            from emerdiff_pl.data import list_folder
+        self.paths = dict(list_folder(folder))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.paths
+
+    def image(self, key: str) -> np.ndarray | None:
+        from emerdiff_pl.shardio import decode_image
+
+        try:
+            with open(self.paths[key], "rb") as handle:
+                return decode_image(handle.read())
+        except (OSError, ValueError):
+            return None
+
+
+class _ShardImages:
+    """The images of source shards, by key."""
+
+    def __init__(self, urls: str):
+        self.index = ShardIndex(urls, fields=_IMAGE_FIELDS)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def image(self, key: str) -> np.ndarray | None:
+        return _find_image(self.index.get(key))
+
+
+def _holds_tars(path: str) -> bool:
+    return any(p.suffix == ".tar" for p in Path(path).iterdir())
+
+
+def open_images(spec: str) -> _FolderImages | _ShardImages:
+    """``--images``: source shards (patterns, a folder of ``*.tar``) or the image folder predict read."""
+    if os.path.isdir(spec) and not _holds_tars(spec):
+        images = _FolderImages(spec)
+        if not images.paths:
+            raise FileNotFoundError(f"--images {spec!r} holds neither *.tar shards nor images")
+        return images
+    return _ShardImages(spec)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the show command
+# --------------------------------------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emerdiff-pl show",
         description="Contact sheet of a pseudo-label run: one row per sample with image | overlay | low-res mask "
-        "(and ground truth with --gt), plus a legend of the ids shown. Colours are fixed per id; predicted "
-        "cluster ids and ground-truth class ids are different things even where they share a colour.",
+        "(and ground truth with --gt), plus a legend of the ids shown. Without --gt colours are fixed per id; "
+        "with --gt each predicted id takes the colour of the ground-truth class it is matched to (Hungarian "
+        "matching on shared pixels), so a region has one colour in both columns.",
     )
     parser.add_argument(
-        "--input", required=True, help="prediction shards, e.g. 'out/shard-{000000..000003}.tar'"
+        "--input",
+        required=True,
+        help="prediction shards: a folder of *.tar, or 'out/shard-{000000..000003}.tar'",
     )
     parser.add_argument("--out", required=True, help="output image (PNG or JPEG by extension)")
     parser.add_argument(
@@ -239,10 +345,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--images",
         default=None,
-        help="source shards with <key>.jpg, used when the prediction shards carry no image",
+        help="where the images are when the prediction shards carry none: the folder predict read "
+        "(--data.folder) or its source shards (--data.urls)",
     )
     parser.add_argument(
         "--gt", default=None, help="optional ground-truth shards with <key>.gt.png: adds a column"
+    )
+    parser.add_argument(
+        "--match",
+        choices=("auto", "image", "dataset", "none"),
+        default="auto",
+        help="with --gt, how predicted ids get GT colours: per image (per-image cluster ids), over all rows "
+        "(dataset-wide ids, e.g. relabel output), or none (fixed colour per id). auto: dataset for relabelled "
+        "shards, else image",
     )
     parser.add_argument(
         "--field", default="seg.png", help="label field drawn on the overlay (default seg.png)"
@@ -261,68 +376,134 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _colour(labels: np.ndarray, ids: np.ndarray | None, ignore: int | None) -> np.ndarray:
+    """Colourised labels: by their own id, or by the palette indices ``ids`` (GT-matched) when given."""
+    if ids is None:
+        return colorize(labels, ignore_index=ignore)
+    return colorize(ids)
+
+
+def _overlay_with(
+    image: np.ndarray, labels: np.ndarray, ids: np.ndarray | None, alpha: float, ignore: int | None
+) -> np.ndarray:
+    """:func:`overlay` with colours from ``ids`` (boundaries still follow ``labels``)."""
+    if ids is None:
+        return overlay(image, labels, alpha=alpha, ignore_index=ignore)
+    labels = resize_labels_nearest(np.asarray(labels), image.shape[:2])
+    ids = resize_labels_nearest(np.asarray(ids), image.shape[:2])
+    out = overlay(image, ids, alpha=alpha, draw_boundaries=False)
+    out[boundaries(labels)] = BOUNDARY_COLOR
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``emerdiff-pl show``: write the contact sheet; 0 on success, 2 for a bad argument."""
     args = build_parser().parse_args(argv)
     if args.n < 1:
-        print(f"error: --n must be ≥ 1, got {args.n}", file=sys.stderr)
+        print(f"emerdiff-pl show: error: --n must be ≥ 1, got {args.n}", file=sys.stderr)
         return 2
     names = load_class_names(args.class_names)
-    images = ShardIndex(args.images, fields=_IMAGE_FIELDS) if args.images else None
+    images = open_images(args.images) if args.images else None
     gts = ShardIndex(args.gt, fields=("gt.png",)) if args.gt else None
-
     ignore = 255 if args.field == "gt.png" else None  # showing ground-truth shards themselves
-    rows, row_labels, seen, gt_seen = [], [], set(), set()
-    any_image = False
+
+    samples = []
     for sample in itertools.islice(iter_samples(args.input), args.n):
-        key = sample["__key__"]
         if args.field not in sample:
-            raise KeyError(
-                f"sample {key!r} in {sample['__url__']} has no {args.field!r} (fields: {sorted(sample)})"
+            raise ValueError(
+                f"sample {sample['__key__']!r} in {sample['__url__']} has no {args.field!r} "
+                f"(fields: {sorted(k for k in sample if not k.startswith('__'))}); pick one with --field"
             )
-        labels = sample[args.field]
+        samples.append(sample)
+    if not samples:
+        raise ValueError(f"no samples in {args.input!r}")
+    gt_of = {
+        s["__key__"]: gts.get(s["__key__"])["gt.png"]
+        for s in samples
+        if gts is not None and s["__key__"] in gts
+    }
+    match = args.match
+    if match == "auto":
+        relabelled = all(isinstance(s.get("json"), dict) and "relabel" in s["json"] for s in samples)
+        match = "dataset" if relabelled else "image"
+    num_gt = max((int(g[g != 255].max()) + 1 for g in gt_of.values() if (g != 255).any()), default=0)
+    if names:
+        num_gt = max(num_gt, len(names))
+    dataset_mapping = (
+        match_to_gt([(s[args.field], gt_of[s["__key__"]]) for s in samples if s["__key__"] in gt_of])
+        if match == "dataset" and gt_of
+        else None
+    )
+
+    rows, row_labels, gt_seen, any_image = [], [], set(), False
+    legend_ids: dict[int, str] = {}  # palette index → legend text, for the ids shown
+    for sample in samples:
+        key, labels = sample["__key__"], sample[args.field]
         image = _find_image(sample)
         if image is None and images is not None and key in images:
-            image = _find_image(images.get(key))
+            image = images.image(key)
         any_image |= image is not None
-        seen.update(np.unique(labels).tolist())
+        gt = gt_of.get(key)
+        mapping = None
+        if gt is not None and match != "none":
+            mapping = dataset_mapping if dataset_mapping is not None else match_to_gt([(labels, gt)])
+        ids = display_ids(labels, mapping, num_gt) if mapping is not None else None
+        for pred in np.unique(labels).tolist():
+            if pred == ignore:
+                continue
+            if mapping is None:
+                name = names[pred] if names and gts is None and pred < len(names) else ""
+                legend_ids.setdefault(pred, f"{pred} {name}".strip())
+            elif pred in mapping:
+                gt_class = mapping[pred]
+                name = names[gt_class] if names and gt_class < len(names) else str(gt_class)
+                legend_ids.setdefault(gt_class, f"= {name}")
+            else:
+                legend_ids.setdefault(num_gt + pred, f"{pred} unmatched")
         if image is not None:
-            over = overlay(image, labels, alpha=args.alpha, ignore_index=ignore)
-        elif "overlay.jpg" in sample:
+            over = _overlay_with(image, labels, ids, args.alpha, ignore)
+        elif "overlay.jpg" in sample and ids is None:
             over = sample["overlay.jpg"]
         else:
-            over = overlay(colorize(labels, ignore_index=ignore), labels, alpha=0.0)
+            over = overlay(_colour(labels, ids, ignore), labels, alpha=0.0)
         lowres = sample.get(args.lowres_field)
+        lowres_ids = (
+            display_ids(lowres, mapping, num_gt) if lowres is not None and mapping is not None else None
+        )
         cells = [
             (image, False) if image is not None else None,
             (over, False),
-            (colorize(lowres), True) if lowres is not None else None,
+            (_colour(lowres, lowres_ids, None), True) if lowres is not None else None,
         ]
         if gts is not None:
-            gt = gts.get(key)["gt.png"] if key in gts else None
             if gt is not None:
                 gt_seen.update(np.unique(gt).tolist())
             cells.append((colorize(gt, ignore_index=255), True) if gt is not None else None)
         rows.append(cells)
         row_labels.append(key)
-    if not rows:
-        raise ValueError(f"no samples in {args.input!r}")
     if not any_image:
         print(
-            "note: no image found (<key>.jpg in the prediction shards or --images); the overlay column shows "
-            "the colourised labels instead",
+            "note: no image found (<key>.jpg in the prediction shards, or --images with the folder or shards "
+            "predict read); the overlay column shows the colourised labels instead",
             file=sys.stderr,
         )
-    titles = ["image", f"overlay ({args.field})", f"low-res ({args.lowres_field})"]
+    matched = gts is not None and match != "none"
+    titles = [
+        "image",
+        f"overlay ({args.field}{', GT colours' if matched else ''})",
+        f"low-res ({args.lowres_field})",
+    ]
     if gts is not None:
         titles.append("ground truth (gt.png)")
-    # names describe ground-truth classes: they label the --gt legend, or the ids of --field when that field
-    # is itself ground truth (showing converter output with --field gt.png)
-    field_names = names if gts is None else None
-    shown = sorted(seen - {ignore})
-    entries = [(i, field_names[i] if field_names and i < len(field_names) else "") for i in shown]
-    legend = [(f"ids in {args.field}", entries[:96])]
+    section = f"ids in {args.field}" + (
+        f" (matched to GT per {'image' if match == 'image' else 'sheet'})" if matched else ""
+    )
+    legend = [(section, sorted(legend_ids.items())[:96])]
     if gt_seen:
-        named = [(i, names[i] if names and i < len(names) else "") for i in sorted(gt_seen - {255})]
+        named = [
+            (i, f"{i} {names[i] if names and i < len(names) else ''}".strip())
+            for i in sorted(gt_seen - {255})
+        ]
         legend.append(("ground-truth classes", named[:96]))
     sheet = contact_sheet(rows, titles, row_labels, legend, cell_height=args.cell)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -1,33 +1,33 @@
 """Output side of ``emerdiff-pl predict``: the pseudo-label dataset as WebDataset shards, written batch by batch.
 
-Layout of ``output_dir`` (``<tag>`` = ``a<array index>of<count>-r<rank>of<world>-<run id>``, unique per process
-and attempt, so array tasks, ranks and reruns never collide)::
+Layout of ``output_dir`` (``<tag>`` = ``<prefix>-<run id>``; ``<prefix>`` = ``a<array index>of<count>-r<rank>of
+<world>`` names one task and rank, the run id one attempt, so array tasks, ranks and reruns never collide)::
 
-    <tag>-000000.tar         finished shards: <key>.seg.png .lowres.png .emb.npy .json [.overlay.jpg]
-    .<tag>-000001.tar.tmp    the shard being written (hidden; renamed when complete)
-    manifest-<tag>.jsonl     one line per finished shard: {"shard", "keys", ...}
+    <tag>-000000.tar         finished shards: <key>.seg.png .lowres.png .emb.npy .json [.overlay.jpg] [.jpg|.png]
+    .<tag>-000001.tar.tmp    the shard being written (hidden; fsynced and renamed when complete)
+    .<prefix>.lock           the task lock (POSIX record lock held by the running process)
+    manifest-<tag>.jsonl     one line per finished shard: {"shard", "keys", "size", "sha256", ...}
     failures-<tag>.jsonl     one line per input that could not be labelled: {"key", "url", "reason", ...}
     summary-<tag>.json       done / skipped / failed / wall time / images per second, and the run status
     config-<tag>.yaml        the resolved CLI config (written by the CLI)
 
-Resume: a finished ``.tar`` is the truth. Its keys come from the manifest, or from the tar itself when the
-process died between the rename and the manifest line. Those keys are skipped by the next run.
-``emerdiff-pl merge-manifests OUTPUT_DIR`` folds everything into ``manifest.jsonl``, ``failures.jsonl`` and
-``summary.json``, and names the array tasks to resubmit.
+Guarantees (see slurm/README.md): one process per task prefix at a time (a second start exits with a message
+naming the owner; a dead owner's lock is released by the kernel); a visible ``.tar`` is complete and its manifest
+line records its size and checksum, which resume verifies (a shard that no longer matches is renamed
+``<name>.corrupt`` and its keys are redone); a sample that cannot be decoded, encoded or written is recorded in
+the failures file and the run goes on, and reruns skip recorded failures unless ``retry_failures``.
+``emerdiff-pl merge-manifests OUTPUT_DIR`` (:mod:`emerdiff_pl.commands.merge`) folds everything into
+``manifest.jsonl``, ``failures.jsonl`` and ``summary.json``, and names the array tasks to resubmit.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
 import os
 import platform
-import re
-import secrets
 import sys
-import tarfile
 import time
 from collections.abc import Sequence
 from importlib import metadata
@@ -37,95 +37,30 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from PIL import Image
 
-SHARD_PATTERN = re.compile(
-    r"^(?P<prefix>a\d+of\d+-r\d+of\d+)-(?P<run>\d{8}T\d{6}Z-[0-9a-f]+)-(?P<seq>\d{6})\.tar$"
+from emerdiff_pl.manifest import (
+    OutputState,
+    TaskLock,
+    TaskLockedError,
+    failed_keys,
+    finished_keys,
+    finished_shards,
+    lock_path,
+    merge,
+    new_run_id,
+    scan_output,
+    task_prefix,
 )
-_TAG_PATTERN = re.compile(
-    r"^(?P<kind>manifest|failures|summary)-a(?P<a>\d+)of(?P<ac>\d+)-r(?P<r>\d+)of(?P<w>\d+)-(?P<run>.+)\.jsonl?$"
+from emerdiff_pl.shardio import (
+    TarWriter,
+    encode_jpeg,
+    encode_label_png,
+    encode_npy,
+    safe_key,
+    tar_keys,
 )
-
-
-def task_prefix(array_index: int, array_count: int, rank: int, world_size: int) -> str:
-    """The file-name prefix owned by one process: its array task and rank (e.g. ``a0003of0007-r000of002``)."""
-    return f"a{array_index:04d}of{array_count:04d}-r{rank:03d}of{world_size:03d}"
-
-
-def new_run_id() -> str:
-    """A fresh attempt id: UTC start time (sorts chronologically) plus random hex."""
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# reading what earlier runs finished
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file; a torn last line (process killed mid-write) is ignored."""
-    out = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            with contextlib.suppress(json.JSONDecodeError):
-                record = json.loads(line)
-                if isinstance(record, dict):
-                    out.append(record)
-    return out
-
-
-def tar_keys(path: str | os.PathLike) -> list[str]:
-    """Sample keys of a finished shard, in order, read from its member names."""
-    keys: list[str] = []
-    with tarfile.open(path, mode="r:") as tar:
-        for member in tar:
-            dirname, _, base = member.name.rpartition("/")
-            if not member.isfile() or "." not in base:
-                continue
-            key = (f"{dirname}/" if dirname else "") + base.split(".", 1)[0]
-            if not keys or keys[-1] != key:
-                keys.append(key)
-    return keys
-
-
-def finished_shards(output_dir: str | os.PathLike) -> dict[str, list[str]]:
-    """Every finished shard of ``output_dir`` (file name → keys), from the manifests where they list it, else
-    from the tar itself. Shards whose tar cannot be read are reported and left out (their keys get redone)."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return {}
-    listed: dict[str, list[str]] = {}
-    for manifest in sorted(root.glob("manifest-*.jsonl")):
-        for record in _read_jsonl(manifest):
-            if isinstance(record.get("shard"), str) and isinstance(record.get("keys"), list):
-                listed[record["shard"]] = [str(k) for k in record["keys"]]
-    shards: dict[str, list[str]] = {}
-    for path in sorted(root.glob("*.tar")):
-        if not SHARD_PATTERN.match(path.name):
-            continue
-        if path.name in listed:
-            shards[path.name] = listed[path.name]
-            continue
-        try:
-            shards[path.name] = tar_keys(path)
-        except (tarfile.TarError, OSError) as err:
-            print(
-                f"warning: finished shard {path} is unreadable ({err}); its samples will be redone",
-                file=sys.stderr,
-            )
-    return shards
-
-
-def finished_keys(output_dir: str | os.PathLike) -> set[str]:
-    """Keys present in finished shards of ``output_dir`` (what a rerun skips)."""
-    return {key for keys in finished_shards(output_dir).values() for key in keys}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# encoding
-# --------------------------------------------------------------------------------------------------------------
 
 
 def _jsonable(value: Any) -> Any:
@@ -150,65 +85,106 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _label_png(labels: np.ndarray) -> bytes:
-    from emerdiff_pl.shardio import encode_label_png
-
-    return encode_label_png(labels)
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
 def _overlay_jpg(image: np.ndarray, labels: np.ndarray) -> bytes:
     from emerdiff_pl.viz import overlay
 
-    buffer = io.BytesIO()
-    Image.fromarray(overlay(image, labels)).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
+    return encode_jpeg(overlay(image, labels))
+
+
+_MAGIC = {b"\xff\xd8\xff": "jpg", b"\x89PNG\r\n\x1a\n": "png"}
+
+
+def image_member(encoded: bytes | None, original: np.ndarray) -> tuple[str, bytes]:
+    """(field, bytes) of the stored input image for ``include_image``: the input's own bytes when it is a JPEG
+    or PNG whose pixel grid is the labels' (no EXIF rotation), else the decoded original re-encoded as JPEG."""
+    from PIL import Image
+
+    field = next((f for magic, f in _MAGIC.items() if encoded and encoded.startswith(magic)), None)
+    if field is not None:
+        with contextlib.suppress(Exception), Image.open(io.BytesIO(encoded)) as im:
+            upright = im.getexif().get(0x0112, 1) == 1  # EXIF orientation: 1 = stored as displayed
+            if upright and (im.height, im.width) == original.shape[:2]:
+                return field, encoded
+    return "jpg", encode_jpeg(original.astype(np.uint8))
 
 
 def _numpy(value: Any) -> np.ndarray:
     return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
 
-class _ShardFile:
-    """One output shard: written under a hidden temporary name, renamed to its final name by :meth:`commit`."""
+# --------------------------------------------------------------------------------------------------------------
+# per-sample segmentation errors
+# --------------------------------------------------------------------------------------------------------------
 
-    def __init__(self, directory: Path, name: str):
-        self.name = name
-        self.path = directory / name
-        self.tmp_path = directory / f".{name}.tmp"
-        self._file = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in commit() / discard()
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
-        self.keys: list[str] = []
-        self.intact = True  # False once a sample write failed half-way
 
-    def add(self, key: str, members: dict[str, bytes]) -> None:
-        self.intact = False
-        now = int(time.time())
-        for field, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{field}")
-            info.size, info.mtime, info.mode = len(data), now, 0o644
-            self._tar.addfile(info, io.BytesIO(data))
-        self.keys.append(key)
-        self.intact = True
+def _one(batch: dict[str, Any], i: int) -> dict[str, Any]:
+    """Sample ``i`` of a DataModule batch as a batch of one (the batch's failures are reported once, outside)."""
+    out = {**batch, "failures": []}
+    for name in ("image", "original", "original_bytes", "original_size", "key", "url", "source_key"):
+        if name in batch:
+            out[name] = batch[name][i : i + 1]
+    return out
 
-    def commit(self) -> None:
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.tmp_path, self.path)
 
-    def discard(self) -> None:
-        with contextlib.suppress(Exception):
-            self._tar.close()
-        self._file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self.tmp_path)
+def _joined(parts: list[dict[str, Any]], failures: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``predict_step`` outputs of single-sample batches as one output (docs/interfaces.md)."""
+    out: dict[str, Any] = {
+        "key": [],
+        "url": [],
+        "original": [],
+        "labels": [],
+        "seconds": 0.0,
+        "failures": failures,
+    }
+    for name in ("key", "url", "original", "labels"):
+        out[name] = [v for part in parts for v in part[name]]
+    for name in ("lowres_labels", "mask_embeddings"):
+        values = [torch.as_tensor(part[name]) for part in parts]
+        out[name] = torch.cat(values) if values else torch.zeros(0)
+    out["seconds"] = sum(float(part.get("seconds", 0.0)) for part in parts)
+    return out
+
+
+class _GuardedStep:
+    """Wraps ``predict_step``: a batch that raises is retried image by image, and an image that still raises is
+    recorded as a failure, so one input the model cannot segment does not end the run (or every rerun).
+
+    Out-of-memory errors and interrupts are raised as before, and so is the error of a third batch in a row in
+    which every image failed (a broken device, not a bad input).
+    """
+
+    def __init__(self, step: Any):
+        self.step = step
+        self.failed_batches = 0
+
+    def __call__(self, batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> Any:
+        try:
+            out = self.step(batch, batch_idx, *args, **kwargs)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as err:
+            if not isinstance(batch, dict) or not batch.get("key"):
+                raise
+            return self._one_by_one(batch, batch_idx, err, *args, **kwargs)
+        self.failed_batches = 0
+        return out
+
+    def _one_by_one(
+        self, batch: dict[str, Any], batch_idx: int, error: Exception, *args: Any, **kwargs: Any
+    ) -> Any:
+        parts, failures = [], list(batch.get("failures", []))
+        for i, (key, url) in enumerate(zip(batch["key"], batch["url"], strict=True)):
+            try:
+                parts.append(self.step(_one(batch, i), batch_idx, *args, **kwargs))
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as err:
+                reason = f"segmentation failed ({type(err).__name__}: {err})"
+                failures.append({"key": key, "url": url, "reason": reason, "kind": "sample"})
+        self.failed_batches = 0 if parts else self.failed_batches + 1
+        if self.failed_batches >= 3:
+            raise error
+        return _joined(parts, failures)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -217,7 +193,7 @@ class _ShardFile:
 
 
 class PseudoLabelWriter(BasePredictionWriter):
-    """Writes ``predict_step`` outputs as a pseudo-label WebDataset (SPEC.md §3), one batch at a time.
+    """Writes ``predict_step`` outputs as a pseudo-label WebDataset (docs/method.md), one batch at a time.
 
     Args:
         output_dir: Folder for shards, manifests, failures and summaries; shared safely by array tasks and
@@ -225,23 +201,38 @@ class PseudoLabelWriter(BasePredictionWriter):
         samples_per_shard: Samples per tar shard. A kill loses at most the shard being written, so smaller
             shards lose less work; larger ones make fewer files.
         overlay: Also store ``<key>.overlay.jpg``: the image with its labels drawn over it.
+        retry_failures: Retry the inputs that earlier runs recorded in their failures files (by default a
+            rerun skips them, so one input that always fails cannot stop a task for good).
+        include_image: Also store the input image, so the shards are a training set on their own: the input's
+            bytes unchanged as ``<key>.jpg`` / ``<key>.png`` when it is a JPEG / PNG without EXIF rotation,
+            else the decoded original (the labels' pixel grid) as ``<key>.jpg``.
     """
 
-    def __init__(self, output_dir: str, samples_per_shard: int = 500, overlay: bool = False):
+    def __init__(
+        self,
+        output_dir: str,
+        samples_per_shard: int = 500,
+        overlay: bool = False,
+        retry_failures: bool = False,
+        include_image: bool = False,
+    ):
         super().__init__(write_interval="batch")
         if samples_per_shard < 1:
             raise ValueError(f"writer.samples_per_shard must be ≥ 1, got {samples_per_shard}")
         self.output_dir = Path(output_dir)
         self.samples_per_shard = samples_per_shard
         self.overlay = overlay
+        self.retry_failures = retry_failures
+        self.include_image = include_image
         self.run_id: str | None = None
         self.prefix: str | None = None
         self.array_index, self.array_count, self.rank, self.world_size = 0, 1, 0, 1
-        self._shard: _ShardFile | None = None
+        self._shard: TarWriter | None = None
         self._sequence = 0
-        self._written: set[str] = set()
+        self._written: dict[str, str] = {}  # key → input url, for this run
+        self._lock: TaskLock | None = None
         self.shards_written: list[str] = []
-        self.done = self.skipped = self.failed = 0
+        self.done = self.skipped = self.skipped_failed = self.failed = 0
         self._segment_seconds = 0.0
         self._start: float | None = None
         self._hparams: dict[str, Any] = {}
@@ -275,19 +266,44 @@ class PseudoLabelWriter(BasePredictionWriter):
         self.resolve_tag(trainer)
         self.run_id = trainer.strategy.broadcast(self.run_id)  # one run id for all ranks of a DDP job
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        # Temporary shards that earlier attempts of this task and rank left behind; never another task's.
+        assert self.prefix is not None
+        lock = TaskLock(lock_path(self.output_dir, self.prefix))
+        lock.acquire(self.run_id)  # raises TaskLockedError while another live process runs this task
+        self._lock = lock
+        if not isinstance(pl_module.__dict__.get("predict_step"), _GuardedStep):
+            pl_module.predict_step = _GuardedStep(pl_module.predict_step)  # per-sample segmentation errors
+        # Temporary shards of earlier, dead attempts of this task and rank (the lock proves no live owner).
         for stale in self.output_dir.glob(f".{self.prefix}-*.tar.tmp"):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
-        done = finished_keys(self.output_dir)
+        state = scan_output(self.output_dir, checksum=self.prefix)
+        self._quarantine(state)
+        done = state.keys()
+        failed = set() if self.retry_failures else failed_keys(self.output_dir) - done
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "set_done_keys"):
-            datamodule.set_done_keys(done)
+            datamodule.set_done_keys(done, failed)
         elif done:
             raise RuntimeError(
                 f"{self.output_dir} already holds {len(done)} labelled samples but the data source cannot skip them "
                 "(use EmerDiffDataModule, or a fresh writer.output_dir)"
             )
+
+    def _quarantine(self, state: OutputState) -> None:
+        """Say which finished shards failed their checks; rename this task's own out of the way (``.corrupt``),
+        so their keys are redone and never appear twice."""
+        for name, problem in state.bad.items():
+            if self.prefix is not None and name.startswith(self.prefix + "-"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(self.output_dir / name, self.output_dir / f"{name}.corrupt")
+                action = f"renamed to {name}.corrupt; its samples are redone by this run"
+            else:
+                action = "another task's shard: its samples are redone when that task reruns"
+            print(f"warning: finished shard {name} failed its check: {problem}; {action}", file=sys.stderr)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()
@@ -311,29 +327,43 @@ class PseudoLabelWriter(BasePredictionWriter):
                 "predict_step must return the dict of docs/interfaces.md (key, url, original, labels, "
                 f"lowres_labels, mask_embeddings, failures, seconds); got {type(prediction).__name__}"
             )
+        source_keys: list[str] = []
+        encoded: dict[str, bytes | None] = {}
         if isinstance(batch, dict):
             self.skipped += int(batch.get("skipped", 0))
+            self.skipped_failed += int(batch.get("skipped_failed", 0))
+            source_keys = list(batch.get("source_key", []))
+            encoded = dict(zip(batch.get("key", []), batch.get("original_bytes", []), strict=False))
         failures = list(prediction.get("failures", []))
         seconds = float(prediction.get("seconds", 0.0))
         keys = list(prediction["key"])
         self._segment_seconds += seconds
         for i, key in enumerate(keys):
             url = prediction["url"][i]
+            source = source_keys[i] if i < len(source_keys) else key
             if key in self._written:
-                failures.append(
-                    {"key": key, "url": url, "reason": "duplicate key: input keys must be unique"}
-                )
+                reason = f"duplicate input key: {key!r} was already labelled from {self._written[key]}"
+                failures.append({"key": key, "url": url, "reason": reason, "kind": "duplicate"})
                 continue
             if self._shard is None:
                 self._open_shard()
             assert self._shard is not None
-            self._shard.add(key, self._members(prediction, i, seconds / len(keys), len(keys)))
-            self._written.add(key)
+            try:  # a sample whose outputs cannot be encoded is recorded, and the run goes on
+                members = self._members(
+                    prediction, i, seconds / len(keys), len(keys), source, encoded.get(key)
+                )
+                if safe_key(key) != key:
+                    raise ValueError(f"unsafe sample key {key!r} (a path outside the shard?)")
+            except Exception as err:
+                reason = f"cannot encode the outputs ({type(err).__name__}: {err})"
+                failures.append({"key": key, "url": url, "reason": reason, "kind": "sample"})
+                continue
+            self._shard.write({"__key__": key, **members})  # OSError (disk full, ...) ends the run
+            self._written[key] = url
             self.done += 1
-            if len(self._shard.keys) >= self.samples_per_shard:
+            if self._shard.count >= self.samples_per_shard:
                 self._commit_shard()
         self._record_failures(failures)
-        self._show_progress(trainer)
         if trainer.received_sigterm:  # preemption: keep what is complete, then stop
             self._commit_shard()
             raise SIGTERMException(143)
@@ -341,16 +371,22 @@ class PseudoLabelWriter(BasePredictionWriter):
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._commit_shard()
         summary = self._write_summary("finished")
-        totals = torch.tensor([self.done, self.skipped, self.failed], dtype=torch.float64)
+        counts = [self.done, self.skipped, self.skipped_failed, self.failed]
+        totals = torch.tensor(counts, dtype=torch.float64)
         if trainer.world_size > 1:
             totals = trainer.strategy.reduce(totals.to(trainer.strategy.root_device), reduce_op="sum").cpu()
         if trainer.is_global_zero:
-            done, skipped, failed = (int(v) for v in totals.tolist())
+            done, skipped, skipped_failed, failed = (int(v) for v in totals.tolist())
             wall = summary["wall_seconds"]
             where = f"array task {self.array_index}/{self.array_count}, " if self.array_count > 1 else ""
+            earlier = (
+                f", {skipped_failed} skipped (failed before; --writer.retry_failures true retries them)"
+                if skipped_failed
+                else ""
+            )
             print(
                 f"emerdiff-pl predict [{where}{self.world_size} rank(s)]: {done} labelled, {skipped} skipped "
-                f"(already done), {failed} failed in {wall:.1f} s ({done / max(wall, 1e-9):.2f} images/s) "
+                f"(already done){earlier}, {failed} failed in {wall:.1f} s ({done / max(wall, 1e-9):.2f} images/s) "
                 f"-> {self.output_dir} (summary: {self._file('summary', '.json').name})",
                 flush=True,
             )
@@ -358,21 +394,36 @@ class PseudoLabelWriter(BasePredictionWriter):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        """Keep the complete samples of the open shard (a half-written sample drops the shard instead)."""
-        if self.prefix is None:
-            return
-        if self._shard is not None and not self._shard.intact:
-            self._shard.discard()
-            self._shard = None
-        with contextlib.suppress(Exception):
-            self._commit_shard()
-        with contextlib.suppress(Exception):
+        """Keep the complete samples of the open shard (a torn one, or one that cannot be closed, is dropped),
+        then write the summary: also after a full disk, whose partial shard is removed first."""
+        if self._lock is None or not self._lock.held:
+            return  # never started (e.g. the task lock is held by another process): nothing of ours to close
+        shard, self._shard = self._shard, None
+        if shard is not None:
+            if shard.torn:
+                shard.abort()
+            else:
+                self._shard = shard
+                try:
+                    self._commit_shard()
+                except Exception as err:  # e.g. ENOSPC at fsync: the shard is dropped, its samples redone
+                    print(f"warning: could not close shard {shard.name} ({err}): dropped", file=sys.stderr)
+        try:
             self._write_summary(f"interrupted: {type(exception).__name__}: {exception}")
+        except Exception as err:
+            print(f"error: could not write the summary into {self.output_dir} ({err})", file=sys.stderr)
+        self._lock.release()
 
     # ---- internals ----------------------------------------------------------------------------------------
 
     def _members(
-        self, prediction: dict[str, Any], i: int, seconds_per_image: float, batch_size: int
+        self,
+        prediction: dict[str, Any],
+        i: int,
+        seconds_per_image: float,
+        batch_size: int,
+        source_key: str,
+        encoded: bytes | None = None,
     ) -> dict[str, bytes]:
         key, url = prediction["key"][i], prediction["url"][i]
         original = _numpy(prediction["original"][i])
@@ -386,9 +437,11 @@ class PseudoLabelWriter(BasePredictionWriter):
         embeddings = _numpy(prediction["mask_embeddings"][i]).astype(np.float16)
         meta = {
             "key": key,
+            **({"source_key": source_key} if source_key != key else {}),
             "url": url,
             "original_size": [int(original.shape[0]), int(original.shape[1])],
             "lowres_size": [int(s) for s in lowres.shape],
+            **({"model_size": prediction["model_size"]} if prediction.get("model_size") else {}),
             "model": self._run_info.get("model", self._hparams.get("pretrained")),
             "hparams": self._hparams,
             "seed": self._hparams.get("seed"),
@@ -402,34 +455,40 @@ class PseudoLabelWriter(BasePredictionWriter):
             "output": {"shard": self._shard.name if self._shard else None, "run_id": self.run_id},
         }
         members = {
-            "seg.png": _label_png(labels),
-            "lowres.png": _label_png(lowres),
-            "emb.npy": _npy(embeddings),
+            "seg.png": encode_label_png(labels),
+            "lowres.png": encode_label_png(lowres),
+            "emb.npy": encode_npy(embeddings),
             "json": json.dumps(meta, indent=1).encode("utf-8"),
         }
         if self.overlay:
             members["overlay.jpg"] = _overlay_jpg(original.astype(np.uint8), labels)
+        if self.include_image:
+            field, data = image_member(encoded, original)
+            members[field] = data
         return members
 
     def _next_shard_name(self) -> str:
         return f"{self.prefix}-{self.run_id}-{self._sequence:06d}.tar"
 
     def _open_shard(self) -> None:
-        self._shard = _ShardFile(self.output_dir, self._next_shard_name())
+        self._shard = TarWriter(self.output_dir / self._next_shard_name())
         self._sequence += 1
 
     def _commit_shard(self) -> None:
+        """Publish the open shard (fsync, rename), then its manifest line with size and checksum."""
         shard, self._shard = self._shard, None
         if shard is None:
             return
         if not shard.keys:
-            shard.discard()
+            shard.abort()
             return
-        shard.commit()
+        shard.close()  # on failure the temporary file is removed and the error propagates
         self.shards_written.append(shard.name)
         record = {
             "shard": shard.name,
             "count": len(shard.keys),
+            "size": shard.size,
+            "sha256": shard.sha256,
             "keys": shard.keys,
             "run_id": self.run_id,
             "array_index": self.array_index,
@@ -453,8 +512,12 @@ class PseudoLabelWriter(BasePredictionWriter):
                     "key": failure.get("key"),
                     "url": failure.get("url"),
                     "reason": failure.get("reason"),
+                    "kind": failure.get("kind", "sample"),
+                    **({"source_key": failure["source_key"]} if failure.get("source_key") else {}),
                 }
                 handle.write(json.dumps({**record, "run_id": self.run_id}) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
 
     def _write_summary(self, status: str) -> dict[str, Any]:
         wall = time.perf_counter() - self._start if self._start is not None else 0.0
@@ -462,6 +525,7 @@ class PseudoLabelWriter(BasePredictionWriter):
             "status": status,
             "done": self.done,
             "skipped": self.skipped,
+            "skipped_failed": self.skipped_failed,
             "failed": self.failed,
             "wall_seconds": wall,
             "images_per_second": self.done / wall if wall > 0 else 0.0,
@@ -480,136 +544,24 @@ class PseudoLabelWriter(BasePredictionWriter):
         os.replace(tmp, path)
         return summary
 
-    def _show_progress(self, trainer: pl.Trainer) -> None:
-        """Images per second and counts on Lightning's progress bar (its own rate counts batches)."""
-        bar = trainer.progress_bar_callback
-        wall = time.perf_counter() - self._start if self._start is not None else 0.0
-        rate = f"{self.done / wall:.2f}" if wall > 0 else "-"
-        counts = {"img/s": rate, "done": self.done, "skipped": self.skipped, "failed": self.failed}
-        with contextlib.suppress(Exception):  # no bar, a bar of another kind, or not started: nothing to show
-            if (
-                isinstance(bar, RichProgressBar)
-                and bar.progress is not None
-                and bar.predict_progress_bar_id is not None
-            ):
-                text = " · ".join(f"{v} {k}" for k, v in counts.items())
-                bar.progress.update(
-                    bar.predict_progress_bar_id, description=f"{bar.predict_description} · {text}"
-                )
-            elif isinstance(bar, TQDMProgressBar):
-                bar.predict_progress_bar.set_postfix(counts, refresh=False)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# merge-manifests
-# --------------------------------------------------------------------------------------------------------------
-
-
-def merge(output_dir: str | os.PathLike, clean_temp: bool = False) -> dict[str, Any]:
-    """Fold the per-process files of ``output_dir`` into ``manifest.jsonl``, ``failures.jsonl`` (inputs that
-    are still not labelled, deduplicated) and ``summary.json``; return the summary."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"output folder {str(root)!r} does not exist")
-    shards = finished_shards(root)
-    owner: dict[str, str] = {}
-    duplicates: dict[str, list[str]] = {}
-    for name, keys in shards.items():
-        for key in keys:
-            if key in owner:
-                duplicates.setdefault(key, [owner[key]]).append(name)
-            else:
-                owner[key] = name
-    failures: dict[tuple[Any, Any], dict[str, Any]] = {}
-    for path in sorted(root.glob("failures-*.jsonl")):
-        for record in _read_jsonl(path):
-            if record.get("key") not in owner:
-                failures[(record.get("key"), record.get("url"))] = record
-    runs: dict[tuple[int, int], dict[str, Any]] = {}  # (array index, count) → latest run's ranks
-    for path in sorted(root.glob("summary-*.json")):
-        match = _TAG_PATTERN.match(path.name)
-        if not match:
-            continue
-        with contextlib.suppress(json.JSONDecodeError, OSError):
-            summary = json.loads(path.read_text(encoding="utf-8"))
-            task = (int(match["a"]), int(match["ac"]))
-            latest = runs.get(task)
-            if latest is None or match["run"] > latest["run_id"]:
-                latest = runs[task] = {"run_id": match["run"], "world_size": int(match["w"]), "statuses": []}
-            if match["run"] == latest["run_id"]:
-                latest["statuses"].append(summary.get("status", "?"))
-    counts = {count for _, count in runs}
-    unfinished = sorted(
-        index
-        for count in counts
-        for index in range(count)
-        if (run := runs.get((index, count))) is None
-        or len(run["statuses"]) < run["world_size"]
-        or any(status != "finished" for status in run["statuses"])
-    )
-    temp_files = sorted(p.name for p in root.glob(".*.tar.tmp"))
-    if clean_temp:
-        for name in temp_files:
-            with contextlib.suppress(FileNotFoundError):
-                (root / name).unlink()
-    _atomic_lines(
-        root / "manifest.jsonl", [{"shard": n, "count": len(k), "keys": k} for n, k in shards.items()]
-    )
-    _atomic_lines(root / "failures.jsonl", list(failures.values()))
-    summary = {
-        "shards": len(shards),
-        "samples": len(owner),
-        "failed": len(failures),
-        "duplicate_keys": duplicates,
-        "array_counts": sorted(counts),
-        "unfinished_array_tasks": unfinished,
-        "temp_files": [] if clean_temp else temp_files,
-    }
-    (root / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    return summary
-
-
-def _atomic_lines(path: Path, records: list[dict[str, Any]]) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
-
 
 def merge_main(argv: list[str] | None = None) -> int:
-    """``emerdiff-pl merge-manifests OUTPUT_DIR``: one manifest, one failures file, and what to resubmit."""
-    parser = argparse.ArgumentParser(
-        prog="emerdiff-pl merge-manifests",
-        description="Merge the per-task manifests / failures / summaries of a predict output folder into "
-        "manifest.jsonl, failures.jsonl (inputs still unlabelled) and summary.json, and list the SLURM array "
-        "tasks that did not finish (resubmit them with sbatch --array=<list>).",
-    )
-    parser.add_argument("output_dir", help="the writer.output_dir of the predict runs")
-    parser.add_argument(
-        "--clean-temp",
-        action="store_true",
-        help="delete leftover .*.tar.tmp files (only when no task is running)",
-    )
-    args = parser.parse_args(argv)
-    summary = merge(args.output_dir, clean_temp=args.clean_temp)
-    print(f"{summary['shards']} shards, {summary['samples']} samples, {summary['failed']} failed inputs")
-    print(f"wrote {Path(args.output_dir) / 'manifest.jsonl'}, failures.jsonl, summary.json")
-    if summary["unfinished_array_tasks"]:
-        tasks = ",".join(str(i) for i in summary["unfinished_array_tasks"])
-        print(f"array tasks not finished: {tasks}  ->  sbatch --array={tasks} slurm/array.sbatch ...")
-    if summary["temp_files"]:
-        print(f"{len(summary['temp_files'])} temporary shard files remain (running or killed tasks)")
-    if summary["duplicate_keys"]:
-        print(f"error: {len(summary['duplicate_keys'])} keys appear in more than one shard", file=sys.stderr)
-        return 1
-    return 0
+    """Kept for callers of the earlier location: see :func:`emerdiff_pl.commands.merge.main`."""
+    from emerdiff_pl.commands.merge import main
+
+    return main(argv)
 
 
 __all__ = [
+    "OutputState",
     "PseudoLabelWriter",
+    "TaskLock",
+    "TaskLockedError",
+    "failed_keys",
     "finished_keys",
     "finished_shards",
     "merge",
-    "merge_main",
+    "scan_output",
     "tar_keys",
     "task_prefix",
 ]

@@ -194,7 +194,10 @@ class ColourQuantizer(pl.LightningModule):
         num_masks: K.
         seed: recorded only.
         delay: seconds to sleep per image (to kill a run mid-way).
-        fail_at_batch: raise RuntimeError at this batch index (to test interrupted runs).
+        fail_at_batch: raise RuntimeError at this batch index and every later one (a broken device).
+        poison_key: the sample with this key gets labels that no PNG can hold (a per-sample output error).
+        hold_file: from the 4th batch on, wait while this file exists (a test decides when the run goes on).
+        crash_key: raise RuntimeError for any batch that holds this key (an input the model cannot segment).
     """
 
     def __init__(
@@ -204,6 +207,9 @@ class ColourQuantizer(pl.LightningModule):
         seed: int = 0,
         delay: float = 0.0,
         fail_at_batch: int = -1,
+        poison_key: str = "",
+        hold_file: str = "",
+        crash_key: str = "",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -214,12 +220,20 @@ class ColourQuantizer(pl.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int = 0) -> dict:
         start = time.perf_counter()
-        if batch_idx == self.hparams.fail_at_batch:
+        if 0 <= self.hparams.fail_at_batch <= batch_idx:
             raise RuntimeError(f"planned failure at batch {batch_idx}")
+        if self.hparams.crash_key and self.hparams.crash_key in batch["key"]:
+            raise RuntimeError(f"cannot segment {self.hparams.crash_key}")
+        while batch_idx >= 3 and self.hparams.hold_file and os.path.exists(self.hparams.hold_file):
+            time.sleep(0.05)
         k = self.hparams.num_masks
         images = batch["image"]
         time.sleep(self.hparams.delay * len(images))
         labels = [(o.float().mean(-1) * k / 256).long().clamp(0, k - 1) for o in batch["original"]]
+        labels = [
+            lab * 0 - 1 if key == self.hparams.poison_key else lab
+            for lab, key in zip(labels, batch["key"], strict=True)
+        ]
         small = F.avg_pool2d(images, 8) if len(images) else images.new_zeros(0, 3, 1, 1)
         lowres = (small.mean(1) * k).long().clamp(0, k - 1)
         one_hot = F.one_hot(lowres, k).flatten(1, 2).float()  # B×hw×K
@@ -263,6 +277,19 @@ def fake_cli(tmp_path: Path) -> Path:
     script = tmp_path / "fake_cli.py"
     script.write_text(FAKE_CLI.format(tests=str(TESTS)))
     return script
+
+
+def spawn(command: list[str], cwd: Path = REPO) -> subprocess.Popen:
+    """Start the CLI in its own process group (so a test can signal the whole group, as SLURM does)."""
+    return subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def run(command: list[str], timeout: float = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:

@@ -80,7 +80,8 @@ def test_print_config_shows_every_field(config_path: Path, capsys: pytest.Captur
     assert exit_info.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
     assert set(config["model"]) == _params(EmerDiffSegmenter)
-    assert set(config["data"]) | {"resolution"} == _params(EmerDiffDataModule)  # resolution follows the model
+    linked = {"resolution", "resize", "resize_multiple"}  # these follow the model's
+    assert set(config["data"]) | linked == _params(EmerDiffDataModule)
     assert set(config["writer"]) == _params(PseudoLabelWriter)
     assert isinstance(config["seed_everything"], int) and not isinstance(config["seed_everything"], bool)
     assert config["return_predictions"] is False and config["trainer"]["logger"] is False

@@ -14,11 +14,11 @@ from emerdiff_pl.data import (
     ImageStream,
     array_task,
     decode_image,
-    expand_shard_urls,
     list_folder,
     partition,
-    tar_safe_key,
 )
+from emerdiff_pl.shardio import expand_urls as expand_shard_urls
+from emerdiff_pl.shardio import file_key
 
 
 def _collect(batches) -> tuple[list[str], list[dict], int]:
@@ -54,7 +54,7 @@ def test_array_tasks_partition_a_folder(image_folder: dict, count: int):
         for i in range(count)
     ]
     keys = [key for block in blocks for key, _ in block]
-    assert sorted(keys) == sorted(k for k, _ in list_folder(root))
+    assert sorted(keys) == sorted(k for k, _ in list_folder(root, all_files=True))
     assert len(keys) == len(set(keys))
 
 
@@ -180,21 +180,40 @@ def test_folder_keys_are_unique_tar_safe_and_dotless(image_folder: dict):
     assert len(keys) == len(set(keys)) == len(image_folder["sizes"])  # hidden files and non-images ignored
     assert all("." not in k.rsplit("/", 1)[-1] and " " not in k for k in keys)
     by_path = {Path(p).relative_to(image_folder["root"]).as_posix(): k for k, p in pairs}
-    assert by_path["a.jpg"] == "a" and by_path["a.png"] == "a-2"  # clash resolved in sorted order
-    assert by_path["x.y.z.jpeg"] == "x_y_z"
-    assert by_path["sub dir/b.c.png"] == "sub_dir/b_c"
-    assert by_path["sub.dir2/d.webp"] == "sub_dir2/d"
+    assert by_path["a.jpg"] == "a_jpg" and by_path["a.png"] == "a_png"  # the extension keeps them apart
+    assert by_path["x.y.z.jpeg"].startswith(
+        "x_y_z_jpeg-"
+    )  # dots replaced: a hash of the path keeps it unique
+    assert by_path["sub dir/b.c.png"].startswith("sub_dir/b_c_png-")
+    assert by_path["sub.dir2/d.webp"].startswith("sub_dir2/d_webp-")
+    assert by_path["sub dir/deeper/C.JPG"].endswith("/C_JPG") or "C_JPG-" in by_path["sub dir/deeper/C.JPG"]
 
 
-def test_tar_safe_key_strips_extension_and_dots():
-    assert tar_safe_key("a/b.c/d.e.jpg") == "a/b_c/d_e"
-    assert tar_safe_key("weird name(1).png") == "weird_name_1_"
+def test_file_keys_depend_on_the_path_alone():
+    assert file_key("a/b.c/d.e.jpg") != file_key("a/b_c/d_e.jpg") == "a/b_c/d_e_jpg"
+    assert file_key("weird name(1).png").startswith("weird_name_1__png-")
+    assert file_key("a.jpg") == "a_jpg" and file_key("a.png") == "a_png"
+
+
+def test_adding_a_file_never_changes_another_files_key(image_folder: dict):
+    root = image_folder["root"]
+    before = {p: k for k, p in list_folder(root)}
+    (root / "a.bmp").write_bytes(
+        encode(Image.fromarray(random_rgb(5, 5)), "BMP")
+    )  # a third "a", sorted first
+    after = {p: k for k, p in list_folder(root)}
+    assert all(after[p] == k for p, k in before.items())
+    assert len(set(after.values())) == len(after)
 
 
 def test_folder_input_yields_every_image_once(image_folder: dict):
     dm = EmerDiffDataModule(folder=str(image_folder["root"]), resolution=16, batch_size=4, num_workers=2)
     keys, failures, _ = _collect(dm.predict_dataloader())
-    assert sorted(keys) == sorted(k for k, _ in list_folder(image_folder["root"])) and failures == []
+    assert sorted(keys) == sorted(k for k, _ in list_folder(image_folder["root"]))
+    # the one visible file without an image extension is recorded, not silently dropped
+    assert [(Path(f["url"]).name, "not an image file" in f["reason"]) for f in failures] == [
+        ("notes.txt", True)
+    ]
 
 
 def test_input_errors_name_the_bad_input(tmp_path: Path):
@@ -220,7 +239,9 @@ def test_symlinked_folders_are_followed_once(image_folder: dict):
     (root / "linked").symlink_to(root / "sub dir" / "deeper", target_is_directory=True)
     keys = [k for k, _ in list_folder(root)]
     assert len(keys) == len(set(keys)) == len(image_folder["sizes"])  # the loop is cut, no image twice
-    assert [k for k in keys if k.endswith("/C")] == ["linked/C"]  # first path in sorted walk order wins
+    assert [k for k in keys if k.endswith("/C_JPG")] == [
+        "linked/C_JPG"
+    ]  # first path in sorted walk order wins
 
 
 def test_image_member_is_found_next_to_label_maps(tmp_path: Path):

@@ -38,3 +38,11 @@ def test_demo_produces_labels_scores_and_a_contact_sheet_for_every_scene(tmp_pat
     assert 0.0 <= report["global"]["miou"] <= 100.0
     with Image.open(out / "contact_sheet.png") as sheet:
         assert sheet.width > 500 and sheet.height > 200
+
+
+def test_demo_with_a_missing_config_is_one_message_before_any_work(tmp_path, capsys):
+    code = cli.main(["demo", "--out", str(tmp_path / "demo"), "--config", str(tmp_path / "no.yaml")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "emerdiff-pl demo: error: demo config" in err and "--config" in err and "Traceback" not in err
+    assert not (tmp_path / "demo").exists()  # no scenes generated for a run that cannot start

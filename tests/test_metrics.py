@@ -8,11 +8,13 @@ import torch
 from PIL import Image
 from torchmetrics.utilities.data import dim_zero_sum
 
+from emerdiff_pl.commands.evaluate import main
 from emerdiff_pl.metrics import (
+    BoundaryFScore,
+    ConceptIoU,
     GlobalHungarianIoU,
     PerImageHungarianIoU,
     hungarian_miou,
-    main,
     per_image_matches,
     short_side_center_crop,
 )
@@ -266,3 +268,153 @@ def test_short_side_center_crop_gives_stegos_square_view():
     view = short_side_center_crop(labels, 20)
     assert view.shape == (20, 20)
     assert set(np.unique(view)) == {0, 1} and (view[:, :10] == 0).all() and (view[:, 10:] == 1).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# boundary F-score
+# ----------------------------------------------------------------------------------------------------------------
+
+STRIPES = np.array([[0] * 4] * 3 + [[1] * 4] * 3)  # rows 0–2 class 0, rows 3–5 class 1: boundary rows 2 and 3
+
+
+def _bf(preds, targets, tolerance, protocol="global", num_classes=2, num_clusters=8):
+    m = BoundaryFScore(num_classes, num_clusters if protocol == "global" else None, tolerance, protocol)
+    for p, t in zip(preds, targets, strict=True):
+        m.update(_t(p), _t(t))
+    return {k: v.numpy() if v.ndim else float(v) for k, v in m.compute().items()}
+
+
+@pytest.mark.parametrize("protocol", ["global", "per-image"])
+def test_boundary_f_counts_a_one_pixel_shift_as_a_miss_at_tolerance_0_and_a_hit_at_1(protocol):
+    exact = np.where(STRIPES == 0, 7, 1)  # the stripes under other ids
+    shifted = np.full((6, 4), 7)
+    shifted[4:] = 1  # the boundary one row too low
+    # by hand, tolerance 0: class 0's boundary row 2 (4 px per image): exact image hits 4/4, shifted 0/4 (its
+    # predicted boundary is row 3) → precision = recall = 4 / 8 = 50 %; the same for class 1 → F 50
+    out = _bf([exact, shifted], [STRIPES, STRIPES], 0, protocol)
+    assert out["per_class_f"].tolist() == pytest.approx([50.0, 50.0])
+    assert out["boundary_f"] == pytest.approx(50.0)
+    assert out["precision"] == pytest.approx(50.0) and out["recall"] == pytest.approx(50.0)
+    assert _bf([exact, shifted], [STRIPES, STRIPES], 1, protocol)["boundary_f"] == pytest.approx(100.0)
+
+
+def test_boundary_f_precision_and_recall_differ_for_an_extra_boundary_and_an_unmatched_class():
+    target = np.array([[0] * 6] * 3 + [[1] * 6] * 3)  # 6×6, boundary rows 2 | 3
+    target[4:, 4:] = 2  # a 2×2 class-2 block in the corner: boundary px (4,4) (4,5) (5,4)
+    pred = np.where(target == 0, 0, 1)  # class 2 merged into class 1's cluster
+    pred[0, :] = 3  # ... and a spurious top stripe: an extra boundary inside class 0
+    out = _bf([pred], [target], 0, num_classes=3, num_clusters=4)
+    # by hand (4-neighbour boundaries, tolerance 0), matching 0→0, 1→1, class 2 → a cluster with no overlap:
+    # class 0: predicted mask rows 1–2, boundary rows 1 and 2 (12 px), 6 of them on the GT boundary (row 2):
+    #   precision 50, recall 6/6 = 100 → F 66.67
+    # class 1: predicted boundary row 3 (6 px), all on the GT boundary → precision 100; the GT boundary is
+    #   row 3 plus (4,3) and (5,3) beside the block (8 px), 6 found → recall 75 → F 85.71
+    # class 2: nothing predicted near the block → F 0
+    assert out["per_class_f"].tolist() == pytest.approx([200 / 3, 2 * 100 * 75 / 175, 0.0])
+    assert out["boundary_f"] == pytest.approx((200 / 3 + 2 * 100 * 75 / 175) / 3)
+
+
+def test_boundary_f_ignores_pixels_next_to_the_ignore_label():
+    target = STRIPES.copy()
+    target[2:4, :2] = 255  # the left half of the boundary is unlabelled
+    shifted = np.full((6, 4), 7)
+    shifted[4:] = 1
+    out = _bf([shifted], [target], 0)
+    # pixels within 1 px of a 255 pixel count on neither side: only column 3 of the boundary remains, where
+    # class 0's GT boundary (2,3) and its predicted one (3,3) miss each other at tolerance 0 → F 0
+    assert out["boundary_f"] == pytest.approx(0.0)
+    assert _bf([np.where(target == 0, 7, 1)], [target], 0)["boundary_f"] == pytest.approx(100.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# concept-embedding protocol
+# ----------------------------------------------------------------------------------------------------------------
+
+# (mask ids, classes, mask embeddings) of three 1×4 images
+CONCEPT_IMAGES = [
+    ([0, 0, 1, 1], [0, 0, 1, 1], [[1.0, 0.0], [0.0, 1.0]]),
+    ([0, 1, 1, 1], [0, 0, 1, 1], [[1.0, 0.0], [1.0, 1.0]]),
+    ([0, 0, 0, 0], [1, 1, 1, 1], [[1.0, 0.1]]),
+]
+
+
+def _concept(images, concepts):
+    m = ConceptIoU(2, concepts)
+    for masks, target, emb in images:
+        m.update(_t([masks]), _t([target]), torch.tensor(emb))
+    return m.compute()
+
+
+def test_concept_miou_with_dataset_wide_concepts_matches_the_hand_computation():
+    # two images: class 0 concept = mean of its 4 px = (3·[1, 0] + [1, 1]) / 4 = [1, .25]; class 1 = [.5, 1].
+    # image 2's mask 1 ([1, 1]): cos .857 to class 0, .949 to class 1 → class 1, so its px 1 (class 0) is wrong:
+    # IoU0 = 3 / 4, IoU1 = 4 / 5
+    out = _concept(CONCEPT_IMAGES[:2], "dataset")
+    assert float(out["miou"]) == pytest.approx((75.0 + 80.0) / 2)
+    # the third image (class 1 only) pulls class 1's concept to [.75, .55]; its own mask [1, .1] is nearer to
+    # class 0's (cos .989 vs .861): 4 px wrong. IoU0 = 3 / (3 + 1 + 4), IoU1 = 4 / (4 + 1 + 4)
+    out = _concept(CONCEPT_IMAGES, "dataset")
+    assert out["per_class_iou"].tolist() == pytest.approx([37.5, 400 / 9])
+    assert out["confusion"].tolist() == [[3, 4], [1, 4]]
+
+
+def test_concept_miou_with_per_image_concepts_is_more_lenient():
+    # per image: image 1 perfect; image 2 as above (px 1 wrong); image 3 has only class 1 to choose: right.
+    out = _concept(CONCEPT_IMAGES, "image")
+    assert out["per_class_iou"].tolist() == pytest.approx([75.0, 800 / 9])
+
+
+def test_concept_miou_takes_the_nearest_concept_by_cosine_not_by_dot_product():
+    # class 0's concept [10, 0] is long, class 1's ([.5, .6]·2 + [1, 1]·2) / 4 = [.75, .8] short: the mask
+    # [1, 1] has the larger dot product with class 0 (10 vs 1.55) but points along class 1 (cos .707 vs .9995)
+    images = [([0, 0, 1, 1], [0, 0, 1, 1], [[10.0, 0.0], [0.5, 0.6]]), ([0, 0], [1, 1], [[1.0, 1.0]])]
+    assert float(_concept(images, "dataset")["miou"]) == pytest.approx(100.0)
+
+
+def test_concept_miou_rejects_mask_ids_without_an_embedding():
+    with pytest.raises(ValueError, match="relabelled"):
+        _concept([([0, 5, 1, 1], [0, 0, 1, 1], [[1.0, 0.0], [0.0, 1.0]])], "image")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluate CLI: stdout table, boundary F, concept protocol
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_cli_without_out_prints_the_table_with_boundary_f(tmp_path, capsys):
+    gts = {k: STRIPES.astype(np.uint8) for k in "ab"}
+    preds = {
+        "a": np.where(STRIPES == 0, 2, 0).astype(np.uint8),
+        "b": np.where(STRIPES == 0, 2, 0).astype(np.uint8),
+    }
+    _write(tmp_path / "gt.tar", [{"__key__": k, "gt.png": gts[k]} for k in "ab"])
+    _write(tmp_path / "pred.tar", [{"__key__": k, "seg.png": preds[k]} for k in "ab"])
+    args = ["--pred", str(tmp_path / "pred.tar"), "--gt", str(tmp_path / "gt.tar"), "--num-classes", "2"]
+    assert main([*args, "--num-clusters", "3", "--protocol", "both"]) == 0
+    out = capsys.readouterr().out
+    assert "2 images scored" in out and "mIoU" in out and "boundary F (2 px)" in out
+    assert "BF global" in out and "BF per-image" in out and "100.00" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gt.tar", "pred.tar"]  # nothing written
+
+
+def test_evaluate_cli_concept_protocol_reads_embeddings_and_refuses_relabelled_shards(tmp_path, capsys):
+    samples, gts = [], []
+    for i, (masks, target, emb) in enumerate(CONCEPT_IMAGES):
+        key = f"k{i}"
+        gts.append({"__key__": key, "gt.png": np.array([target], np.uint8)})
+        samples.append(
+            {"__key__": key, "seg.png": np.array([masks], np.uint8), "emb.npy": np.array(emb, np.float16)}
+        )
+    _write(tmp_path / "gt.tar", gts)
+    _write(tmp_path / "pred.tar", samples)
+    args = ["--pred", str(tmp_path / "pred.tar"), "--gt", str(tmp_path / "gt.tar"), "--num-classes", "2"]
+    assert main([*args, "--protocol", "concept", "--out", str(tmp_path / "o")]) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    expected = _concept(CONCEPT_IMAGES, "dataset")  # float16 embeddings: the same nearest concepts
+    assert report["concept"]["miou"] == pytest.approx(float(expected["miou"]))
+    assert report["concept_per_image"]["miou"] == pytest.approx((75.0 + 800 / 9) / 2)
+    assert "IoU concept" in capsys.readouterr().out
+    relabelled = [{**s, "json": {"relabel": {"num_classes": 2}}} for s in samples]
+    _write(tmp_path / "relabelled.tar", relabelled)
+    with pytest.raises(ValueError, match="relabelled"):
+        main(["--pred", str(tmp_path / "relabelled.tar"), *args[2:], "--protocol", "concept"])

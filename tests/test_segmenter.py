@@ -1,4 +1,4 @@
-"""SPEC §1 properties of EmerDiffSegmenter on tiny-random weights (CPU, seconds)."""
+"""docs/method.md properties of EmerDiffSegmenter on tiny-random weights (CPU, seconds)."""
 
 import os
 
@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from conftest import FAST_SEGMENTER, smooth_images
 from diffusers import DDPMScheduler
 
-from emerdiff_pl import EmerDiffSegmenter
-from emerdiff_pl import attention as attn
+from emerdiff_pl import EmerDiffSegmenter, method
 from emerdiff_pl.inversion import NoiseSchedule
 
 FAST = FAST_SEGMENTER
@@ -26,35 +25,29 @@ def model() -> EmerDiffSegmenter:
 
 def _trajectory(m: EmerDiffSegmenter, images: torch.Tensor, record: str = "qk"):
     m._ensure_ready()
-    m.store.tokens = {}
+    m.controller.tokens = {}
     x0 = m.encode(images)
-    trajectory, features = m._reference_pass(x0, [m.hparams.seed] * len(images), record)
+    trajectory, features = m.reference_pass(x0, [m.hparams.seed] * len(images), record)
     return trajectory, features
 
 
-def _replay(m: EmerDiffSegmenter, trajectory, processor) -> list[torch.Tensor]:
+def _replay(m: EmerDiffSegmenter, trajectory, inject: bool) -> list[torch.Tensor]:
     """Run every image's branch from x_{t_m} with no modulation; return x_t at every step, then x_0."""
-    store = m.store
-    store.record = "none"
-    attn.install(m.unet, store, m.backend, processor, modulate=True)
     path: list[torch.Tensor] = []
-    emb = m.backbone.empty_prompt_embedding()
     rows = torch.arange(trajectory.latents.shape[1])
-    path.append(m._denoise(trajectory, rows, None, emb, path=path))
+    path.append(method.denoise_branches(m.frozen_model(), trajectory, rows, None, inject, path=path))
     return path
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize(
-    "processor", [attn.CaptureProcessor, attn.InjectProcessor], ids=["plain", "injected"]
-)
-def test_unmodulated_run_reproduces_trajectory(model, prediction_type, processor):
+@pytest.mark.parametrize("inject", [False, True], ids=["plain", "injected"])
+def test_unmodulated_run_reproduces_trajectory(model, prediction_type, inject):
     schedule = model.schedule
     config = dict(model.backbone.scheduler.config)
     model.schedule = NoiseSchedule(DDPMScheduler.from_config(config, prediction_type=prediction_type))
     try:
         trajectory, _ = _trajectory(model, smooth_images(2))
-        path = _replay(model, trajectory, processor)
+        path = _replay(model, trajectory, inject)
     finally:
         model.schedule = schedule
     assert len(path) == len(trajectory.timesteps) + 1
@@ -69,17 +62,17 @@ def test_unmodulated_run_reproduces_trajectory(model, prediction_type, processor
 
 def test_zero_strength_makes_every_difference_map_zero(model):
     trajectory, features = _trajectory(model, smooth_images(1))
-    lowres, _ = model._lowres_masks(features, [0], tuple(trajectory.latents.shape[-2:]))
+    lowres, _ = model.lowres_masks(features, [0], tuple(trajectory.latents.shape[-2:]))
     model.hparams.modulation_strength = 0.0
     try:
-        maps = model._difference_maps(trajectory, lowres)
+        maps = model.difference_maps(trajectory, lowres)
     finally:
         model.hparams.modulation_strength = FAST.get("modulation_strength", 10.0)
     assert maps.shape == (1, 4, 64, 64)
     assert maps.abs().max().item() < 1e-5
     # and with λ = 10 they are not
     trajectory, _ = _trajectory(model, smooth_images(1))
-    assert model._difference_maps(trajectory, lowres).abs().mean().item() > 1e-3
+    assert model.difference_maps(trajectory, lowres).abs().mean().item() > 1e-3
 
 
 def test_vectorized_path_equals_per_mask_per_sign_loop():
@@ -96,16 +89,16 @@ def test_vectorized_path_equals_per_mask_per_sign_loop():
 def test_injection_from_cached_qk_equals_explicit_probabilities(model):
     images = smooth_images(1, seed=2)
     trajectory, features = _trajectory(model, images, record="qk")
-    lowres, _ = model._lowres_masks(features, [0], tuple(trajectory.latents.shape[-2:]))
-    from_qk = model._difference_maps(trajectory, lowres)
+    lowres, _ = model.lowres_masks(features, [0], tuple(trajectory.latents.shape[-2:]))
+    from_qk = model.difference_maps(trajectory, lowres)
     trajectory, _ = _trajectory(model, images, record="probs")
-    from_probs = model._difference_maps(trajectory, lowres)
+    from_probs = model.difference_maps(trajectory, lowres)
     torch.testing.assert_close(from_qk, from_probs, atol=1e-4, rtol=1e-3)
     # injection is not a no-op: without it the maps differ
     model.hparams.attention_injection = False
     try:
         trajectory, _ = _trajectory(model, images, record="none")
-        plain = model._difference_maps(trajectory, lowres)
+        plain = model.difference_maps(trajectory, lowres)
     finally:
         model.hparams.attention_injection = True
     assert (plain - from_qk).abs().max().item() > 1e-3
@@ -131,7 +124,7 @@ def test_outputs_have_input_size_and_valid_ids(model):
     images = F.interpolate(images, size=(37, 90), mode="bilinear")
     result = model.segment(images)
     assert result.labels.shape == (2, 37, 90) and result.labels.dtype == torch.int64
-    assert result.lowres_labels.shape == (2, 8, 8)
+    assert result.lowres_labels.shape == (2, 8, 16)  # keep_aspect: 37×90 → 64×128 model input
     assert result.labels.min() >= 0 and result.labels.max() < 4
     # every low-res mask is non-empty, and each embedding is the mean feature of its mask
     for b in range(2):
@@ -141,7 +134,7 @@ def test_outputs_have_input_size_and_valid_ids(model):
 
 def test_mask_embeddings_are_mask_means(model):
     trajectory, features = _trajectory(model, smooth_images(1, seed=5))
-    lowres, embeddings = model._lowres_masks(features, [0], tuple(trajectory.latents.shape[-2:]))
+    lowres, embeddings = model.lowres_masks(features, [0], tuple(trajectory.latents.shape[-2:]))
     flat = lowres.flatten(1)
     for k in range(4):
         torch.testing.assert_close(embeddings[0, k], features[0][flat[0] == k].mean(0))
@@ -214,15 +207,15 @@ def test_auto_dtype_is_float32_on_cpu(model):
 def test_out_of_memory_halves_the_chunk_and_keeps_the_labels(model, monkeypatch):
     images = smooth_images(1, seed=9)
     expected = model.segment(images)
-    real_denoise, sizes = model._denoise, []
+    real_denoise, sizes = method.denoise_branches, []
 
-    def denoise_with_a_small_gpu(trajectory, image, modulation, emb, path=None):
+    def denoise_with_a_small_gpu(frozen, trajectory, image, modulation, inject, path=None):
         sizes.append(len(image))
         if len(image) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_denoise(trajectory, image, modulation, emb, path)
+        return real_denoise(frozen, trajectory, image, modulation, inject, path)
 
-    monkeypatch.setattr(model, "_denoise", denoise_with_a_small_gpu)
+    monkeypatch.setattr(method, "denoise_branches", denoise_with_a_small_gpu)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     result = model.segment(images)
     assert sizes[0] == 8 and sizes[1] == 4 and set(sizes[2:]) == {2}
@@ -242,20 +235,20 @@ def test_prefix_modules_are_the_outermost_calls_finished_before_the_layer():
 def test_tm_call_runs_the_prefix_once_per_image_with_the_same_maps(model):
     images = smooth_images(2, seed=5)
     trajectory, features = _trajectory(model, images)
-    lowres, _ = model._lowres_masks(features, [0, 0], tuple(trajectory.latents.shape[-2:]))
+    lowres, _ = model.lowres_masks(features, [0, 0], tuple(trajectory.latents.shape[-2:]))
     names = list(model.prefix.modules)
     assert {"conv_in", "down_blocks.0", "mid_block", "up_blocks.0"} <= set(names)
     assert names[-1] == model.hparams.modulated_layer.removesuffix("attn2") + "norm2"
     seen: list[int] = []
     hook = model.unet.conv_in.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
     try:
-        shared = model._difference_maps(trajectory, lowres)
+        shared = model.difference_maps(trajectory, lowres)
         rows = 2 * 2 * model.hparams.num_masks
         assert seen == [2] + [rows] * (len(trajectory.timesteps) - 1)  # t_m: one row per image
         model.prefix.remove()
         trajectory, _ = _trajectory(model, images)  # _difference_maps consumed the records
         seen.clear()
-        plain = model._difference_maps(trajectory, lowres)
+        plain = model.difference_maps(trajectory, lowres)
         assert seen == [rows] * len(trajectory.timesteps)
     finally:
         hook.remove()
@@ -270,10 +263,10 @@ def test_reference_steps_in_one_batch_equal_one_call_per_step(model, monkeypatch
     for rows in (2, "auto"):  # 2 rows per call: one step of the 2 images per call; auto: every step at once
         model.hparams.max_branch_batch = rows
         calls: list[int] = []
-        real_unet = model._unet
+        real_unet = model.call_unet
         monkeypatch.setattr(
             model,
-            "_unet",
+            "call_unet",
             lambda x, t, emb, calls=calls, real=real_unet: calls.append(len(x)) or real(x, t, emb),
         )
         try:
@@ -281,7 +274,7 @@ def test_reference_steps_in_one_batch_equal_one_call_per_step(model, monkeypatch
         finally:
             model.hparams.max_branch_batch = "auto"
             monkeypatch.undo()
-        runs[rows] = (calls, trajectory, features, {s: dict(r) for s, r in model.store.saved.items()})
+        runs[rows] = (calls, trajectory, features, {s: dict(r) for s, r in model.controller.saved.items()})
     steps = len(runs[2][1].timesteps)
     assert runs[2][0] == [2] * steps and runs["auto"][0] == [2 * steps]
     (_, one, f_one, saved_one), (_, batched, f_batched, saved_batched) = runs[2], runs["auto"]
@@ -291,15 +284,18 @@ def test_reference_steps_in_one_batch_equal_one_call_per_step(model, monkeypatch
     assert saved_batched.keys() == saved_one.keys() == set(range(steps))
     for s in range(steps):  # every step's recorded Q, K and cross-attention outputs, filed under that step
         assert saved_batched[s].keys() == saved_one[s].keys()
-        for name, tensors in saved_one[s].items():
-            for a, b in zip(saved_batched[s][name], tensors, strict=True):
-                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        for name, record in saved_one[s].items():
+            assert type(saved_batched[s][name]) is type(record)
+            for field, tensor in vars(record).items():
+                torch.testing.assert_close(
+                    getattr(saved_batched[s][name], field), tensor, atol=1e-4, rtol=1e-4
+                )
 
 
 def test_out_of_memory_in_the_reference_pass_halves_the_steps_per_call(model, monkeypatch):
     images = smooth_images(1, seed=11)
     expected = model.segment(images)
-    real_unet, sizes = model._unet, []
+    real_unet, sizes = model.call_unet, []
 
     def unet_on_a_small_gpu(x, t, emb):
         sizes.append(len(x))
@@ -307,7 +303,7 @@ def test_out_of_memory_in_the_reference_pass_halves_the_steps_per_call(model, mo
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_unet(x, t, emb)
 
-    monkeypatch.setattr(model, "_unet", unet_on_a_small_gpu)
+    monkeypatch.setattr(model, "call_unet", unet_on_a_small_gpu)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     result = model.segment(images)
     steps = len(model.timesteps)

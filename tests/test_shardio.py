@@ -8,13 +8,21 @@ from PIL import Image
 
 from emerdiff_pl.shardio import (
     ShardIndex,
+    ShardReadError,
     ShardSequenceWriter,
     TarWriter,
+    decode_field,
+    decode_image,
+    encode_jpeg,
     encode_label_png,
     expand_urls,
+    image_field,
     iter_samples,
+    iter_tar,
     read_label_png,
     resize_labels_nearest,
+    safe_key,
+    tar_keys,
 )
 
 
@@ -104,7 +112,7 @@ def test_failed_writer_leaves_no_shard_under_the_final_name(tmp_path):
     with pytest.raises(RuntimeError), TarWriter(target) as sink:
         sink.write({"__key__": "k", "json": {}})
         raise RuntimeError("boom")
-    assert not target.exists() and not (tmp_path / "out.tar.tmp").exists()
+    assert list(tmp_path.iterdir()) == []  # neither the final name nor the hidden temporary file
 
 
 def test_sequence_writer_splits_by_maxcount(tmp_path):
@@ -135,3 +143,115 @@ def test_resize_labels_nearest_keeps_ids_and_blocks():
     assert up.dtype == np.uint16 and up.shape == (4, 6)
     assert np.array_equal(up[:2, :3], np.zeros((2, 3))) and np.array_equal(up[2:, 3:], np.full((2, 3), 3))
     assert resize_labels_nearest(labels, (2, 2)) is labels
+
+
+# ---- one shard layer: truncation, keys, URLs, decoding -------------------------------------------------------
+
+
+def _three_sample_tar(path):
+    with TarWriter(path) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"k{i}", "jpg": _image(seed=i), "json": {"i": i}})
+    with tarfile.open(path) as tar:
+        return [m.offset for m in tar.getmembers()]  # header offsets: k0.jpg k0.json k1.jpg k1.json ...
+
+
+@pytest.mark.parametrize("where", ["at_header", "inside_header", "end_blocks_missing"])
+def test_truncated_tar_is_detected_where_tarfile_sees_a_normal_end(tmp_path, where):
+    path = tmp_path / "s.tar"
+    offsets = _three_sample_tar(path)
+    data = path.read_bytes()
+    cut = {"at_header": offsets[2], "inside_header": offsets[2] + 100, "end_blocks_missing": None}[where]
+    if cut is None:  # every member complete, but the end-of-archive blocks are gone
+        with tarfile.open(path) as tar:
+            last = tar.getmembers()[-1]
+        cut = last.offset_data + -(-last.size // 512) * 512
+    path.write_bytes(data[:cut])
+    with tarfile.open(path) as tar:  # Python's tarfile reads this as a shorter, valid archive
+        assert len(tar.getmembers()) == {"at_header": 2, "inside_header": 2}.get(where, 6)
+    items = list(iter_tar(str(path)))
+    *samples, last_item = items
+    assert last_item.fatal and "truncated tar after" in last_item.reason
+    # the sample being read at the cut is not trusted either (it may have lost members): it names the failure
+    assert [s.key for s in samples] == (["k0", "k1"] if where == "end_blocks_missing" else [])
+    assert last_item.key == ("k2" if where == "end_blocks_missing" else "k0")
+    with pytest.raises(ShardReadError, match=r"s\.tar.*truncated tar after"):
+        list(iter_samples(str(path)))
+    with pytest.raises(ShardReadError, match="truncated"):
+        ShardIndex(str(path))
+    with pytest.raises(ShardReadError, match="truncated"):
+        tar_keys(path)
+
+
+def test_complete_tar_reads_without_failures(tmp_path):
+    _three_sample_tar(tmp_path / "s.tar")
+    items = list(iter_tar(str(tmp_path / "s.tar")))
+    assert [i.key for i in items] == ["k0", "k1", "k2"] and all(i.reason is None for i in items)
+
+
+def test_member_without_extension_is_reported_not_silently_dropped(tmp_path):
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w") as tar:
+        for name in ("a.jpg", "README", "__index__", "b.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    items = list(iter_tar(str(path)))
+    assert sorted((i.key, i.fields is None) for i in items) == [("README", True), ("a", False), ("b", False)]
+    (stray,) = [i for i in items if i.fields is None]
+    assert "no extension" in stray.reason and not stray.fatal
+
+
+def test_safe_key_removes_path_traversal_and_awkward_characters():
+    assert safe_key("../escape") == "__/escape"
+    assert safe_key("/abs/key") == "abs/key"
+    assert safe_key("a/./b\\c d") == "a/b/c_d"
+    assert safe_key("dir/s00_001") == "dir/s00_001"  # safe keys are unchanged
+
+
+def test_writer_refuses_unsafe_keys(tmp_path):
+    with pytest.raises(ValueError, match="awkward"), TarWriter(tmp_path / "s.tar") as sink:
+        sink.write({"__key__": "../escape", "json": {}})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_expand_urls_keeps_remote_urls_and_refuses_duplicates(tmp_path):
+    _three_sample_tar(tmp_path / "s.tar")
+    remote = "pipe:cat " + str(tmp_path / "s-{0..1}.tar")
+    assert expand_urls(remote) == [f"pipe:cat {tmp_path}/s-0.tar", f"pipe:cat {tmp_path}/s-1.tar"]
+    with pytest.raises(ValueError, match="more than once"):
+        expand_urls(f"{tmp_path / 's.tar'}::{tmp_path}")
+
+
+def test_remote_pipe_urls_are_read_like_local_files(tmp_path):
+    _three_sample_tar(tmp_path / "s.tar")
+    local = [s["__key__"] for s in iter_samples(str(tmp_path / "s.tar"))]
+    assert (
+        [s["__key__"] for s in iter_samples(f"pipe:cat {tmp_path / 's.tar'}")] == local == ["k0", "k1", "k2"]
+    )
+
+
+def test_every_reader_decodes_images_like_predict_does():
+    """One decoder: show / relabel / evaluate get the same RGB as predict (alpha composited, 16-bit scaled)."""
+    from conftest import good_inputs
+
+    for key, (ext, data, hw) in good_inputs().items():
+        rgb = decode_image(data)
+        assert rgb.shape == (*hw, 3) and rgb.dtype == np.uint8, key
+        assert np.array_equal(decode_field(ext, data), rgb), key
+        assert np.array_equal(decode_field(f"input.{ext}", data), rgb), key
+    rgba = good_inputs()["rgba"][1]
+    assert (decode_field("png", rgba)[:, 15:] == 255).all()  # transparent half over white, not black
+
+
+def test_label_fields_stay_raw_and_are_not_taken_for_the_image():
+    labels = np.array([[0, 300]], dtype=np.uint16)
+    data = encode_label_png(labels)
+    for field in ("gt.png", "seg.png", "lowres.png", "mask.png"):
+        assert np.array_equal(decode_field(field, data), labels)
+    assert image_field({"gt.png": b"label", "overlay.jpg": b"o", "input.png": b"img"}) == b"img"
+
+
+def test_jpeg_is_downscaled_to_fit_its_side_limit():
+    wide = np.zeros((1, 70000, 3), np.uint8)
+    assert decode_image(encode_jpeg(wide)).shape == (1, 65500, 3)

@@ -14,9 +14,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from emerdiff_pl import toyworld
+from emerdiff_pl.datasets import toyworld
 
-ASSET = Path(toyworld.__file__).parent / "assets" / "toyworld-ldm"
+ASSET = Path(toyworld.__file__).parents[1] / "assets" / "toyworld-ldm"
 
 
 def test_same_seed_gives_identical_scene():

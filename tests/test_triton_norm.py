@@ -119,7 +119,6 @@ def test_the_triton_path_is_taken_only_where_it_can_be(monkeypatch):
     """CUDA, eager, no gradient needed, an image under 2^31 elements: else the torch ops (checked by stubbing
     both implementations and the device check)."""
     calls = []
-    monkeypatch.setattr(layout, "NHWC_GROUP_NORM", "triton")
     monkeypatch.setattr(layout, "_group_norm_channels_last_torch", lambda *a: calls.append("torch"))
     import emerdiff_pl.triton_norm as tn
 
@@ -128,13 +127,12 @@ def test_the_triton_path_is_taken_only_where_it_can_be(monkeypatch):
     x = torch.randn(2, 64, 4, 4).contiguous(memory_format=torch.channels_last)
     w = torch.ones(64, requires_grad=True)
     with torch.no_grad():
-        layout.group_norm_channels_last(x, 32, w, None, 1e-5)
-    layout.group_norm_channels_last(x, 32, w.detach(), None, 1e-5)
-    layout.group_norm_channels_last(x, 32, w, None, 1e-5)  # a trainable norm: the kernels have no backward
+        layout.group_norm_channels_last(x, 32, w, None, 1e-5, "triton")
+    layout.group_norm_channels_last(x, 32, w.detach(), None, 1e-5, "triton")
+    layout.group_norm_channels_last(x, 32, w, None, 1e-5, "triton")  # trainable: the kernels have no backward
     huge = torch.zeros(1, 1, 1, 1).expand(2, 64, 2**15, 2**10)  # 2^31 elements per image, no memory
-    layout.group_norm_channels_last(huge, 32, None, None, 1e-5)
-    monkeypatch.setattr(layout, "NHWC_GROUP_NORM", "torch")
-    layout.group_norm_channels_last(x, 32, None, None, 1e-5)
+    layout.group_norm_channels_last(huge, 32, None, None, 1e-5, "triton")
+    layout.group_norm_channels_last(x, 32, None, None, 1e-5, "torch")
     assert calls == ["triton", "triton", "torch", "torch", "torch"]
 
 

@@ -3,7 +3,16 @@ import pytest
 from PIL import Image
 
 from emerdiff_pl.shardio import TarWriter
-from emerdiff_pl.viz import BOUNDARY_COLOR, boundaries, colorize, main, overlay, palette
+from emerdiff_pl.viz import (
+    BOUNDARY_COLOR,
+    boundaries,
+    colorize,
+    display_ids,
+    main,
+    match_to_gt,
+    overlay,
+    palette,
+)
 
 
 def test_palette_is_deterministic_distinct_and_prefix_stable():
@@ -90,3 +99,85 @@ def test_show_takes_images_from_source_shards_by_key(tmp_path, capsys):
     main(args)
     assert "no image found" in capsys.readouterr().err
     assert with_gt.width > Image.open(out).width  # the ground-truth column
+
+
+def test_match_to_gt_pairs_ids_by_shared_pixels_and_leaves_extra_clusters_unmatched():
+    gt = np.array([[3, 3, 0, 0], [3, 3, 0, 255]])
+    pred = np.array([[1, 1, 5, 5], [1, 7, 5, 5]])  # 7: one stray pixel of class 3, fewer pixels than id 1
+    mapping = match_to_gt([(pred, gt)])
+    assert mapping == {1: 3, 5: 0}  # 7 loses the Hungarian match to 1; ignore (255) pixels never count
+    ids = display_ids(pred, mapping, num_gt=4)
+    assert (
+        ids[0, 0] == 3 and ids[0, 2] == 0 and ids[1, 1] == 4 + 7
+    )  # unmatched: a colour after the GT classes
+
+
+def _cell_colour(sheet: np.ndarray, column: int, fx: float, key_len: int, cell: int = 64) -> tuple:
+    """Colour at fraction fx across the middle of one cell of the first row (the layout of contact_sheet)."""
+    pad, head, cell_w = 6, 24, cell * 4 // 3
+    label_w = min(max(8 * key_len, 60) + pad, 220)
+    x = label_w + pad + column * (cell_w + pad) + int(cell_w * fx)
+    return tuple(sheet[head + cell // 2, x])
+
+
+def test_show_colours_predicted_ids_like_the_gt_class_they_match(tmp_path):
+    gt = np.zeros((32, 40), np.uint8)
+    gt[:, 20:] = 3
+    seg = np.where(gt == 3, 1, 5).astype(np.uint8)  # cluster 1 is class 3, cluster 5 is class 0
+    with TarWriter(tmp_path / "pred.tar") as pred, TarWriter(tmp_path / "gt.tar") as truth:
+        pred.write({"__key__": "k", "seg.png": seg, "lowres.png": seg[::4, ::4]})
+        truth.write({"__key__": "k", "jpg": np.zeros((32, 40, 3), np.uint8), "gt.png": gt})
+    out = tmp_path / "sheet.png"
+    args = [
+        "--input",
+        str(tmp_path / "pred.tar"),
+        "--gt",
+        str(tmp_path / "gt.tar"),
+        "--out",
+        str(out),
+        "--cell",
+        "64",
+    ]
+    assert main(args) == 0
+    sheet = np.asarray(Image.open(out).convert("RGB"))
+    for fx in (0.25, 0.75):  # left (class 0) and right (class 3) halves: low-res column (2) == GT column (3)
+        assert _cell_colour(sheet, 2, fx, 1) == _cell_colour(sheet, 3, fx, 1)
+    assert main([*args, "--match", "none"]) == 0  # fixed colours per id: cluster 5 is not class 0's colour
+    sheet = np.asarray(Image.open(out).convert("RGB"))
+    assert _cell_colour(sheet, 2, 0.25, 1) != _cell_colour(sheet, 3, 0.25, 1)
+
+
+def test_show_reads_images_from_the_folder_predict_read(tmp_path, capsys):
+    from emerdiff_pl.data import list_folder
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.full((30, 40, 3), 200, np.uint8)).save(folder / "a.jpg")
+    ((key, _),) = list_folder(folder)
+    with TarWriter(tmp_path / "pred.tar") as pred:
+        pred.write(
+            {
+                "__key__": key,
+                "seg.png": np.zeros((30, 40), np.uint8),
+                "lowres.png": np.zeros((4, 4), np.uint8),
+            }
+        )
+    out = tmp_path / "sheet.png"
+    assert (
+        main(
+            [
+                "--input",
+                str(tmp_path / "pred.tar"),
+                "--images",
+                str(folder),
+                "--out",
+                str(out),
+                "--cell",
+                "64",
+            ]
+        )
+        == 0
+    )
+    assert "no image found" not in capsys.readouterr().err
+    sheet = np.asarray(Image.open(out).convert("RGB"))
+    assert abs(int(_cell_colour(sheet, 0, 0.5, len(key))[0]) - 200) <= 3  # the image column holds the photo

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from conftest import MIXED_MAX_PIXELS, ColourQuantizer, make_shards, read_output
 
+from emerdiff_pl.commands.merge import main as merge_main
 from emerdiff_pl.data import EmerDiffDataModule
-from emerdiff_pl.writer import SHARD_PATTERN, PseudoLabelWriter, finished_keys, merge, merge_main
+from emerdiff_pl.manifest import SHARD_PATTERN, finished_keys, merge
+from emerdiff_pl.writer import PseudoLabelWriter
 
 
 def predict(
@@ -78,21 +80,50 @@ def test_shards_roll_over_and_names_never_collide(tmp_path: Path):
     assert read_output(out)["keys"] == keys
 
 
+class _CrashAfterBatch(pl.Callback):
+    """A crash outside the per-sample guard (after the writer stored batch 3): the run ends."""
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 3:
+            raise RuntimeError("planned failure")
+
+
 def test_interrupted_run_keeps_complete_samples_and_rerun_finishes(tmp_path: Path):
     keys = make_shards(tmp_path / "in", num_shards=2, per_shard=7, size=8)
     out = tmp_path / "out"
     urls = str(tmp_path / "in" / "in-{000000..000001}.tar")
+    writer = PseudoLabelWriter(str(out), samples_per_shard=4)
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[writer, _CrashAfterBatch()]
+    )
+    data = EmerDiffDataModule(urls=urls, resolution=32, batch_size=2, num_workers=0)
     with pytest.raises(RuntimeError, match="planned failure"):
-        predict(out, ColourQuantizer(fail_at_batch=3), urls=urls, samples_per_shard=4)
+        trainer.predict(ColourQuantizer(), datamodule=data, return_predictions=False)
     first = read_output(out)
     assert (
-        first["keys"] == keys[:6]
-    )  # batches 0-2 were written; the open shard was committed on the exception
+        first["keys"] == keys[:8]
+    )  # batches 0-3 were written; the open shard was committed on the exception
     assert first["summaries"][0]["status"].startswith("interrupted") and first["temp"] == []
     writer = predict(out, urls=urls, samples_per_shard=4)
-    assert (writer.done, writer.skipped) == (8, 6)
+    assert (writer.done, writer.skipped) == (6, 8)
     final = read_output(out)
     assert sorted(final["keys"]) == sorted(keys) and len(final["keys"]) == len(set(final["keys"]))
+
+
+def test_input_the_model_cannot_segment_is_recorded_and_its_batch_mates_labelled(tmp_path: Path):
+    keys = make_shards(tmp_path / "in", num_shards=1, per_shard=6, size=8)
+    out = tmp_path / "out"
+    writer = predict(out, ColourQuantizer(crash_key=keys[3]), urls=str(tmp_path / "in" / "in-000000.tar"))
+    result = read_output(out)
+    assert result["keys"] == [k for k in keys if k != keys[3]] and writer.failed == 1
+    (failure,) = result["failures"]
+    assert failure["key"] == keys[3] and "segmentation failed" in failure["reason"]
+
+
+def test_a_model_that_fails_on_everything_still_stops_the_run(tmp_path: Path):
+    make_shards(tmp_path / "in", num_shards=1, per_shard=8, size=8)
+    with pytest.raises(RuntimeError, match="planned failure"):  # a broken device is not a bad input
+        predict(tmp_path / "out", ColourQuantizer(fail_at_batch=0), urls=str(tmp_path / "in"), batch_size=1)
 
 
 def test_finished_shard_without_manifest_line_still_counts_as_done(tmp_path: Path):
@@ -172,3 +203,130 @@ def test_sigterm_closes_the_open_shard_and_exits(tmp_path: Path):
     assert stopped["keys"] == keys[:6] and stopped["temp"] == []  # batches 0-2, committed although not full
     assert stopped["summaries"][0]["status"].startswith("interrupted")
     assert predict(out, urls=str(tmp_path / "in" / "in-000000.tar")).done == 4
+
+
+# ---- crash windows ------------------------------------------------------------------------------------------
+
+
+def _torn_members(out: Path) -> list[str]:
+    """Keys of published samples that lack one of the writer's four members."""
+    from emerdiff_pl.shardio import iter_raw_samples
+
+    fields = {"seg.png", "lowres.png", "emb.npy", "json"}
+    return (
+        [s["__key__"] for s in iter_raw_samples(str(out)) if not fields <= set(s)]
+        if list(out.glob("*.tar"))
+        else []
+    )
+
+
+@pytest.mark.parametrize("step", ["fsync", "close"])
+def test_failed_close_or_fsync_publishes_nothing_and_still_writes_the_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+):
+    import errno
+    import os
+
+    import webdataset
+
+    keys = make_shards(tmp_path / "in", num_shards=1, per_shard=5, size=8)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if step == "fsync":
+        monkeypatch.setattr(os, "fsync", disk_full)
+    else:
+        monkeypatch.setattr(webdataset.TarWriter, "close", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        predict(tmp_path / "out", urls=str(tmp_path / "in" / "in-000000.tar"), samples_per_shard=2)
+    monkeypatch.undo()
+    result = read_output(tmp_path / "out")
+    assert result["shards"] == [] and result["temp"] == []  # nothing under a final name, no partial .tmp
+    assert result["summaries"][0]["status"].startswith("interrupted: OSError")
+    assert predict(tmp_path / "out", urls=str(tmp_path / "in" / "in-000000.tar")).done == len(keys)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "same_size_corruption"])
+def test_shard_that_no_longer_matches_its_manifest_is_redone(tmp_path: Path, damage: str, capsys):
+    keys = make_shards(tmp_path / "in", num_shards=1, per_shard=6, size=8)
+    out, urls = tmp_path / "out", str(tmp_path / "in" / "in-000000.tar")
+    predict(out, urls=urls, samples_per_shard=3)
+    first, second = sorted(out.glob("*.tar"))
+    data = first.read_bytes()
+    if damage == "truncate":
+        first.write_bytes(data[: len(data) // 2])
+    elif damage == "delete":
+        first.unlink()
+    else:
+        first.write_bytes(data[:1000] + bytes(100) + data[1100:])
+    summary = merge(out)
+    assert summary["samples"] == 3 and summary["unfinished_array_tasks"] == [0]  # merge does not trust it
+    assert (first.name in summary["bad_shards"]) != (first.name in summary["missing_shards"])
+    writer = predict(out, urls=urls, samples_per_shard=3)
+    assert (writer.done, writer.skipped) == (3, 3)
+    if damage != "delete":
+        assert "failed its check" in capsys.readouterr().err and (out / f"{first.name}.corrupt").exists()
+    final = read_output(out)
+    assert sorted(final["keys"]) == sorted(keys) and len(final["keys"]) == len(set(final["keys"]))
+    summary = merge(out)
+    assert (
+        summary["unfinished_array_tasks"] == []
+        and summary["missing_shards"] == []
+        and summary["samples"] == 6
+    )
+
+
+def test_error_encoding_the_second_field_publishes_no_torn_sample(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from emerdiff_pl import writer as writer_module
+
+    keys = make_shards(tmp_path / "in", num_shards=1, per_shard=4, size=8)
+    out, urls = tmp_path / "out", str(tmp_path / "in" / "in-000000.tar")
+    calls = {"n": 0}
+    real = writer_module.encode_label_png
+
+    def fail_on_third(labels):  # seg.png then lowres.png of each sample: the 3rd call is sample 2's lowres
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("encoder crashed")
+        return real(labels)
+
+    monkeypatch.setattr(writer_module, "encode_label_png", fail_on_third)
+    first = predict(out, urls=urls)
+    monkeypatch.undo()
+    result = read_output(out)
+    assert result["keys"] == [keys[0], *keys[2:]] and _torn_members(out) == []
+    assert [f["key"] for f in result["failures"]] == [keys[1]] and "encoder crashed" in result["failures"][0][
+        "reason"
+    ]
+    assert first.failed == 1
+    again = predict(out, urls=urls)  # a recorded failure is not retried by default ...
+    assert (again.done, again.skipped, again.skipped_failed) == (0, 3, 1)
+    writer = PseudoLabelWriter(str(out), retry_failures=True)  # ... unless asked
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[writer])
+    data = EmerDiffDataModule(urls=urls, resolution=32, batch_size=2, num_workers=0)
+    trainer.predict(ColourQuantizer(), datamodule=data, return_predictions=False)
+    assert writer.done == 1 and sorted(read_output(out)["keys"]) == sorted(keys)
+
+
+def test_error_while_writing_a_sample_drops_the_torn_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from emerdiff_pl import shardio
+
+    keys = make_shards(tmp_path / "in", num_shards=1, per_shard=4, size=8)
+    out, urls = tmp_path / "out", str(tmp_path / "in" / "in-000000.tar")
+    real = shardio._HashingFile.write
+
+    def write(self, data):  # the disk fills up once the shard holds about one sample
+        if self.size > 3000:
+            raise OSError(28, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(shardio._HashingFile, "write", write)
+    with pytest.raises(OSError):
+        predict(out, urls=urls)
+    monkeypatch.undo()
+    result = read_output(out)
+    assert result["shards"] == [] and result["temp"] == [] and result["summaries"]
+    assert predict(out, urls=urls).done == len(keys)

@@ -26,7 +26,7 @@ def held_out_batch(num_images: int, seed: int):
     import torch
     import yaml
 
-    from emerdiff_pl import toyworld
+    from emerdiff_pl.datasets import toyworld
 
     config = yaml.safe_load((ROOT / "configs" / "toyworld.yaml").read_text())["model"]
     scenes = list(toyworld.generate_scenes(num_images, seed, 128))

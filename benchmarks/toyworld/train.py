@@ -34,7 +34,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from emerdiff_pl import toyworld  # noqa: E402
+from emerdiff_pl.datasets import toyworld  # noqa: E402
 
 DEFAULT_OUT = ROOT / "emerdiff_pl" / "assets" / "toyworld-ldm"
 TRAIN_SEED = 12345  # scenes for training; evaluation uses other seeds (default 0)

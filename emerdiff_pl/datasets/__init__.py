@@ -10,12 +10,12 @@ import sys
 
 from emerdiff_pl.datasets.cityscapes27 import CLASS_NAMES as CITYSCAPES27_CLASSES
 from emerdiff_pl.datasets.cocostuff27 import COARSE_CLASSES as COCOSTUFF27_CLASSES
-from emerdiff_pl.toyworld import CLASS_NAMES as TOYWORLD_CLASSES
+from emerdiff_pl.datasets.toyworld import CLASS_NAMES as TOYWORLD_CLASSES
 
 CONVERTERS: dict[str, tuple[str, str]] = {
     "cocostuff27": ("emerdiff_pl.datasets.cocostuff27", "COCO-Stuff 164k → 27 coarse classes (STEGO/PiCIE)"),
     "cityscapes27": ("emerdiff_pl.datasets.cityscapes27", "Cityscapes fine labelIds 7–33 → 0–26"),
-    "toyworld": ("emerdiff_pl.toyworld", "procedural scenes with ground truth (no download)"),
+    "toyworld": ("emerdiff_pl.datasets.toyworld", "procedural scenes with ground truth (no download)"),
 }
 
 CLASS_NAMES: dict[str, tuple[str, ...]] = {

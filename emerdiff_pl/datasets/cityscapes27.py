@@ -12,16 +12,14 @@ and trailer) become 0–26; -1 (license plate) and anything else become 255.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from emerdiff_pl.datasets._common import write_dataset
-from emerdiff_pl.shardio import encode_label_png, read_label_png
+from emerdiff_pl.shardio import decode_image, encode_jpeg, encode_label_png, read_label_png
 
 IGNORE = 255
 
@@ -85,20 +83,18 @@ def find_pairs(root: str, split: str) -> list[tuple[str, str, str]]:
 
 
 def make_sample(key: str, image_path: str, label_path: str, stats: dict, quality: int = 95) -> dict:
-    with Image.open(image_path) as im:
-        rgb = im.convert("RGB")
+    with open(image_path, "rb") as f:
+        rgb = decode_image(f.read())  # the one image decoder of the shard layer
     with open(label_path, "rb") as f:
         label_ids = read_label_png(f.read())
-    if label_ids.shape != (rgb.height, rgb.width):
+    if label_ids.shape != rgb.shape[:2]:
         raise ValueError(
             f"label map {label_path!r} is {label_ids.shape[1]}×{label_ids.shape[0]} but image {image_path!r} "
-            f"is {rgb.width}×{rgb.height}"
+            f"is {rgb.shape[1]}×{rgb.shape[0]}"
         )
-    buf = io.BytesIO()
-    rgb.save(buf, format="JPEG", quality=quality)
     return {
         "__key__": key,
-        "jpg": buf.getvalue(),
+        "jpg": encode_jpeg(rgb, quality=quality),
         "gt.png": encode_label_png(label_ids_to_classes(label_ids)),
     }
 

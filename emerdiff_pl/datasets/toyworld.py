@@ -9,7 +9,6 @@ shards (``<key>.png`` image, ``<key>.gt.png`` uint8 class ids) that the evaluati
 from __future__ import annotations
 
 import argparse
-import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -61,15 +60,19 @@ def _distinct_color(rng: np.random.Generator, avoid: list[np.ndarray], min_dist:
     return best
 
 
-def _sky(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, size: int) -> tuple[np.ndarray, list]:
+def _sky(
+    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, hw: tuple[int, int]
+) -> tuple[np.ndarray, list]:
     """Smooth vertical gradient between two random colours, slightly tilted."""
     top, bottom = _random_color(rng), _random_color(rng)
     tilt = rng.uniform(-0.3, 0.3)
-    s = np.clip((yy + tilt * (xx - size / 2)) / size, 0.0, 1.0)[..., None]
+    s = np.clip((yy + tilt * (xx - hw[1] / 2)) / hw[0], 0.0, 1.0)[..., None]
     return (1 - s) * top + s * bottom, [top, bottom]
 
 
-def _water(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, size: int) -> tuple[np.ndarray, list]:
+def _water(
+    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, hw: tuple[int, int]
+) -> tuple[np.ndarray, list]:
     """Wavy horizontal stripes alternating between two random colours."""
     a = _random_color(rng)
     b = _distinct_color(rng, [a], 0.3)
@@ -81,19 +84,22 @@ def _water(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, size: int) 
     return (1 - s) * a + s * b, [a, b]
 
 
-def _grass(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, size: int) -> tuple[np.ndarray, list]:
+def _grass(
+    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, hw: tuple[int, int]
+) -> tuple[np.ndarray, list]:
     """A random base colour with strong per-pixel noise and short vertical streaks."""
     base = _random_color(rng)
-    fine = rng.normal(0.0, 0.12, size=(size, size, 1))
-    streak = rng.normal(0.0, 0.1, size=(size // 3 + 1, size, 1)).repeat(3, axis=0)[:size]
+    height, width = hw
+    fine = rng.normal(0.0, 0.12, size=(height, width, 1))
+    streak = rng.normal(0.0, 0.1, size=(height // 3 + 1, width, 1)).repeat(3, axis=0)[:height]
     tint = rng.normal(0.0, 0.05, size=(1, 1, 3))
     return base + tint + fine + streak, [base]
 
 
-def _shape_mask(class_id: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, size: int):
-    """The footprint of one shape of a random size, position and rotation."""
-    r = rng.uniform(0.09, 0.22) * size  # circumradius-ish, 11-28 px at 128²
-    cy, cx = rng.uniform(r * 0.6, size - r * 0.6, size=2)
+def _shape_mask(class_id: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, hw: tuple[int, int]):
+    """The footprint of one shape of a random size (from the shorter side), position and rotation."""
+    r = rng.uniform(0.09, 0.22) * min(hw)  # circumradius-ish, 11-28 px at 128²
+    cy, cx = rng.uniform(r * 0.6, np.array(hw, dtype=np.float64) - r * 0.6, size=2)
     dy, dx = yy - cy, xx - cx
     if class_id == 3:  # disc
         return dy**2 + dx**2 <= r**2
@@ -115,16 +121,21 @@ def _shape_mask(class_id: int, rng: np.random.Generator, yy: np.ndarray, xx: np.
     return inside
 
 
-def generate_scene(rng: np.random.Generator | int, size: int = DEFAULT_SIZE) -> Scene:
-    """Draw one scene: image uint8 size×size×3 and its class map uint8 size×size."""
-    if size < 32:
-        raise ValueError(f"toyworld size must be at least 32 pixels, got {size}")
+def generate_scene(
+    rng: np.random.Generator | int, size: int = DEFAULT_SIZE, width: int | None = None
+) -> Scene:
+    """Draw one scene: image uint8 size×width×3 and its class map uint8 size×width (``width`` None: square,
+    the same scenes as before width existed). ``size`` is the height."""
+    height, width = size, size if width is None else width
+    if min(height, width) < 32:
+        raise ValueError(f"toyworld sides must be at least 32 pixels, got {height}×{width}")
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    hw = (height, width)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
 
     # Stuff: sky above a gently sloped horizon, water and grass split by a wavy shoreline below it.
-    horizon = rng.uniform(0.3, 0.6) * size + rng.uniform(-0.15, 0.15) * (xx - size / 2)
+    horizon = rng.uniform(0.3, 0.6) * height + rng.uniform(-0.15, 0.15) * (xx - width / 2)
     labels = np.where(yy < horizon, 0, 1).astype(np.uint8)
     below = rng.choice(["water", "grass", "both"], p=[0.25, 0.25, 0.5])
     if below == "grass":
@@ -132,17 +143,17 @@ def generate_scene(rng: np.random.Generator | int, size: int = DEFAULT_SIZE) -> 
     elif below == "both":
         # shoreline: a wavy line through the lower part, either side can be water
         slope = rng.uniform(-1.5, 1.5)
-        x0 = rng.uniform(0.25, 0.75) * size
+        x0 = rng.uniform(0.25, 0.75) * width
         wave = 4 * np.sin(2 * np.pi * yy / rng.uniform(20, 40) + rng.uniform(0, 2 * np.pi))
-        left = xx + wave < x0 + slope * (yy - size)
+        left = xx + wave < x0 + slope * (yy - height)
         if rng.random() < 0.5:
             left = ~left
         labels[(labels == 1) & left] = 2
 
-    image = np.zeros((size, size, 3))
+    image = np.zeros((height, width, 3))
     used: list[np.ndarray] = []
     for class_id, painter in ((0, _sky), (1, _water), (2, _grass)):
-        texture, colors = painter(rng, yy, xx, size)
+        texture, colors = painter(rng, yy, xx, hw)
         region = labels == class_id
         image[region] = texture[region]
         used += colors
@@ -151,7 +162,7 @@ def generate_scene(rng: np.random.Generator | int, size: int = DEFAULT_SIZE) -> 
     objects: list[SceneObject] = []
     for _ in range(int(rng.integers(1, 5))):
         class_id = int(rng.choice(SHAPE_CLASSES))
-        mask = _shape_mask(class_id, rng, yy, xx, size)
+        mask = _shape_mask(class_id, rng, yy, xx, hw)
         color = _distinct_color(rng, used[-4:])
         shade = 1.0 + rng.uniform(-0.15, 0.15) * (yy - yy[mask].mean()) / max(1.0, float(np.ptp(yy[mask])))
         image[mask] = color * shade[mask][:, None]
@@ -164,18 +175,13 @@ def generate_scene(rng: np.random.Generator | int, size: int = DEFAULT_SIZE) -> 
     return Scene(image=image, labels=labels, objects=objects)
 
 
-def generate_scenes(num_images: int, seed: int, size: int = DEFAULT_SIZE, start: int = 0) -> Iterator[Scene]:
-    """Scenes ``start .. start+num_images-1`` of the run ``seed``; scene i is the same whatever the count."""
+def generate_scenes(
+    num_images: int, seed: int, size: int = DEFAULT_SIZE, start: int = 0, width: int | None = None
+) -> Iterator[Scene]:
+    """Scenes ``start .. start+num_images-1`` of the run ``seed``; scene i is the same whatever the count.
+    ``size`` is the height, ``width`` (None: ``size``) the width."""
     for i in range(start, start + num_images):
-        yield generate_scene(scene_seed(seed, i), size)
-
-
-def _png_bytes(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
+        yield generate_scene(scene_seed(seed, i), size, width)
 
 
 def scene_key(seed: int, index: int) -> str:
@@ -194,40 +200,30 @@ def write_shards(
     """Write ``num_images`` scenes as WebDataset shards ``<prefix>-NNNNNN.tar`` in ``out_dir``.
 
     Each sample holds ``<key>.png`` (RGB image), ``<key>.gt.png`` (uint8 class ids) and ``<key>.json``
-    (seed, index, class names). Shards are written under a temporary name and renamed when complete.
+    (seed, index, class names). Shards are written atomically by the shared shard writer
+    (:class:`~emerdiff_pl.shardio.ShardSequenceWriter`).
     """
-    import json
-
-    import webdataset as wds
     from tqdm.auto import tqdm
+
+    from emerdiff_pl.shardio import ShardSequenceWriter
 
     if num_images < 1:
         raise ValueError(f"num_images must be positive, got {num_images}")
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     os.makedirs(out_dir, exist_ok=True)
-    paths: list[str] = []
-    bar = tqdm(total=num_images, desc="toyworld scenes", disable=not progress)
-    for shard, start in enumerate(range(0, num_images, shard_size)):
-        final = os.path.join(os.fspath(out_dir), f"{prefix}-{shard:06d}.tar")
-        tmp = final + ".tmp"
-        with wds.TarWriter(tmp) as sink:
-            count = min(shard_size, num_images - start)
-            for i, scene in enumerate(generate_scenes(count, seed, size, start=start), start=start):
-                meta = {"seed": seed, "index": i, "size": size, "classes": list(CLASS_NAMES)}
-                sink.write(
-                    {
-                        "__key__": scene_key(seed, i),
-                        "png": _png_bytes(scene.image),
-                        "gt.png": _png_bytes(scene.labels),
-                        "json": json.dumps(meta).encode(),
-                    }
-                )
-                bar.update(1)
-        os.replace(tmp, final)
-        paths.append(final)
-    bar.close()
-    return paths
+    pattern = os.path.join(os.fspath(out_dir), f"{prefix}-%06d.tar")
+    with (
+        tqdm(total=num_images, desc="toyworld scenes", disable=not progress) as bar,
+        ShardSequenceWriter(pattern, maxcount=shard_size) as sink,
+    ):
+        for i, scene in enumerate(generate_scenes(num_images, seed, size)):
+            meta = {"seed": seed, "index": i, "size": size, "classes": list(CLASS_NAMES)}
+            sink.write(
+                {"__key__": scene_key(seed, i), "png": scene.image, "gt.png": scene.labels, "json": meta}
+            )
+            bar.update(1)
+    return sink.written
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""Subcommands of ``emerdiff-pl``: one module per command, each with a ``main(argv) -> int``."""

@@ -1,0 +1,354 @@
+"""The state of a predict output folder, without Lightning or torch: which shards are finished (verified
+against their manifest lines), which inputs failed, the per-task lock, and ``merge-manifests``.
+
+File layout and guarantees: :mod:`emerdiff_pl.writer` and slurm/README.md. Kept apart from the writer so that
+``emerdiff-pl merge-manifests`` and resume checks start without importing Lightning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import secrets
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from emerdiff_pl.shardio import ShardReadError, file_digest, iter_samples, tar_keys
+
+SHARD_PATTERN = re.compile(
+    r"^(?P<prefix>a\d+of\d+-r\d+of\d+)-(?P<run>\d{8}T\d{6}Z-[0-9a-f]+)-(?P<seq>\d{6})\.tar$"
+)
+_TAG_PATTERN = re.compile(
+    r"^(?P<kind>manifest|failures|summary)-a(?P<a>\d+)of(?P<ac>\d+)-r(?P<r>\d+)of(?P<w>\d+)-(?P<run>.+)\.jsonl?$"
+)
+
+
+def task_prefix(array_index: int, array_count: int, rank: int, world_size: int) -> str:
+    """The file-name prefix owned by one process: its array task and rank (e.g. ``a0003of0007-r000of002``)."""
+    return f"a{array_index:04d}of{array_count:04d}-r{rank:03d}of{world_size:03d}"
+
+
+def new_run_id() -> str:
+    """A fresh attempt id: UTC start time (sorts chronologically) plus random hex."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reading what earlier runs finished
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file; a torn last line (process killed mid-write) is ignored."""
+    out = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            with contextlib.suppress(json.JSONDecodeError):
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    out.append(record)
+    return out
+
+
+def _task_of(name: str) -> tuple[int, int] | None:
+    """(array index, array count) of a shard or per-run file name, None for foreign files."""
+    match = re.search(r"a(\d+)of(\d+)-r\d+of\d+", name)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+@dataclass
+class OutputState:
+    """What earlier runs left in an output folder: verified finished shards, and the ones that failed checks."""
+
+    shards: dict[str, list[str]] = field(default_factory=dict)  # file name → keys (verified)
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)  # file name → its manifest line
+    bad: dict[str, str] = field(default_factory=dict)  # file name → why it is not trusted
+    missing: dict[str, dict[str, Any]] = field(default_factory=dict)  # listed in a manifest, no tar on disk
+
+    def keys(self) -> set[str]:
+        return {key for keys in self.shards.values() for key in keys}
+
+
+def _verify(path: Path, record: dict[str, Any] | None, checksum: bool) -> tuple[list[str], str | None]:
+    """(keys, None) for a shard that passes its checks, ([], reason) for one that does not."""
+    if record is not None and isinstance(record.get("size"), int):
+        size = path.stat().st_size
+        if size != record["size"]:
+            return (
+                [],
+                f"size {size} B differs from the {record['size']} B its manifest records (truncated or overwritten)",
+            )
+        if checksum and record.get("sha256") and file_digest(path) != record["sha256"]:
+            return [], "checksum differs from the one its manifest records (corrupted)"
+        if not checksum or record.get("sha256"):
+            return [str(k) for k in record["keys"]], None
+    try:  # no manifest line (killed between the rename and the manifest write), or an old one without a size
+        keys = tar_keys(path)
+    except (ShardReadError, OSError) as err:
+        return [], f"unreadable ({err})"
+    if record is not None and keys != [str(k) for k in record["keys"]]:
+        return [], "its keys differ from the ones its manifest records"
+    return keys, None
+
+
+def scan_output(output_dir: str | os.PathLike, checksum: bool | str = False) -> OutputState:
+    """Every finished shard of ``output_dir``, verified against its manifest line: the size always, the SHA-256
+    when ``checksum`` is True or is the task prefix the shard belongs to (what a resuming task checks). Shards
+    without a manifest line are read whole (their structure, truncation included, is checked)."""
+    root = Path(output_dir)
+    state = OutputState()
+    if not root.is_dir():
+        return state
+    for manifest in sorted(root.glob("manifest-*.jsonl")):
+        for record in _read_jsonl(manifest):
+            if isinstance(record.get("shard"), str) and isinstance(record.get("keys"), list):
+                state.records[record["shard"]] = record
+    present = set()
+    for path in sorted(root.glob("*.tar")):
+        if not SHARD_PATTERN.match(path.name):
+            continue
+        present.add(path.name)
+        deep = checksum is True or (isinstance(checksum, str) and path.name.startswith(checksum + "-"))
+        keys, problem = _verify(path, state.records.get(path.name), deep)
+        if problem is None:
+            state.shards[path.name] = keys
+        else:
+            state.bad[path.name] = problem
+    state.missing = {n: r for n, r in state.records.items() if n not in present}
+    return state
+
+
+def finished_shards(output_dir: str | os.PathLike) -> dict[str, list[str]]:
+    """Every finished shard of ``output_dir`` that passes its size check (file name → keys)."""
+    return scan_output(output_dir).shards
+
+
+def finished_keys(output_dir: str | os.PathLike) -> set[str]:
+    """Keys present in verified finished shards of ``output_dir`` (what a rerun skips)."""
+    return scan_output(output_dir).keys()
+
+
+def failed_keys(output_dir: str | os.PathLike) -> set[str]:
+    """Keys that earlier runs recorded as per-sample failures (a rerun skips them unless asked to retry)."""
+    out = set()
+    for path in Path(output_dir).glob("failures-*.jsonl"):
+        for record in _read_jsonl(path):
+            if record.get("key") is not None and record.get("kind", "sample") == "sample":
+                out.add(str(record["key"]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the task lock
+# --------------------------------------------------------------------------------------------------------------
+
+
+class TaskLockedError(OSError):
+    """Another live process runs the same task (array index and rank) into the same output folder."""
+
+
+class TaskLock:
+    """Exclusive lock of one task prefix in the output folder: a POSIX record lock (``fcntl.lockf``, which NFS
+    and Lustre support where ``flock`` may not) on ``.<prefix>.lock``, holding the owner's host, pid and start.
+
+    The kernel (or the NFS lock manager) drops the lock when its process dies, however it dies, so a stale lock
+    file never blocks. Where the file system has no locking at all, the run goes on with a warning.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    @staticmethod
+    def _owner(fd: int) -> str:
+        with contextlib.suppress(Exception):
+            owner = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+            return f"pid {owner['pid']} on host {owner['host']} (started {owner['started']})"
+        return "another process"
+
+    def acquire(self, run_id: str | None = None) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EACCES, errno.EAGAIN):
+                owner = self._owner(fd)
+                os.close(fd)
+                raise TaskLockedError(
+                    f"this task is already running into the same output folder: {owner} holds {self.path}. "
+                    "Two processes of one task would label the same inputs; wait for it to end (or cancel it), "
+                    "then rerun: finished work is kept"
+                ) from None
+            os.close(fd)
+            print(
+                f"warning: no file locking on {self.path.parent} ({err}): running without the task lock, so do "
+                "not start the same array task twice at once",
+                file=sys.stderr,
+            )
+            return
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": run_id}
+        owner["started"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(owner).encode("utf-8"), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # closing drops the POSIX lock
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    @staticmethod
+    def is_held(path: str | os.PathLike) -> bool:
+        """Whether a live process holds the lock (call from a process that does not hold it itself: POSIX
+        locks of one process do not conflict, and closing the probe would drop its own lock)."""
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            return err.errno in (errno.EACCES, errno.EAGAIN)
+        finally:
+            os.close(fd)
+        return False
+
+
+def lock_path(output_dir: str | os.PathLike, prefix: str) -> Path:
+    return Path(output_dir) / f".{prefix}.lock"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# encoding
+# --------------------------------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------------------------------
+# merge-manifests
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _inputs_of(root: Path, shard: str, keys: set[str]) -> dict[str, str]:
+    """key → input url recorded in the ``<key>.json`` of one output shard (for duplicate reports)."""
+    out: dict[str, str] = {}
+    with contextlib.suppress(Exception):
+        for sample in iter_samples(str(root / shard), fields={"json"}):
+            if sample["__key__"] in keys:
+                out[sample["__key__"]] = str(sample.get("json", {}).get("url"))
+    return out
+
+
+def merge(output_dir: str | os.PathLike, clean_temp: bool = False, checksum: bool = True) -> dict[str, Any]:
+    """Fold the per-process files of ``output_dir`` into ``manifest.jsonl``, ``failures.jsonl`` (inputs that
+    are still not labelled, deduplicated, and every duplicate-key report) and ``summary.json``; return the
+    summary. Every shard is verified against its manifest line (size, and SHA-256 unless ``checksum=False``):
+    shards that fail, or that a manifest lists but are gone, are left out and their tasks listed to rerun."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"output folder {str(root)!r} does not exist")
+    state = scan_output(root, checksum=checksum)
+    shards = state.shards
+    owner: dict[str, str] = {}
+    duplicated: dict[str, list[str]] = {}
+    for name, keys in shards.items():
+        for key in keys:
+            if key in owner:
+                duplicated.setdefault(key, [owner[key]]).append(name)
+            else:
+                owner[key] = name
+    duplicates: dict[str, list[dict[str, str]]] = {}
+    if duplicated:
+        inputs: dict[str, dict[str, str]] = {}
+        for name in {n for names in duplicated.values() for n in names}:
+            inputs[name] = _inputs_of(root, name, set(duplicated))
+        for key, names in duplicated.items():
+            duplicates[key] = [{"shard": n, "input": inputs[n].get(key, "?")} for n in names]
+    failures: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for path in sorted(root.glob("failures-*.jsonl")):
+        for record in _read_jsonl(path):
+            if record.get("key") not in owner or record.get("kind") == "duplicate":
+                failures[(record.get("key"), record.get("url"))] = record
+    runs: dict[tuple[int, int], dict[str, Any]] = {}  # (array index, count) → latest run's ranks
+    for path in sorted(root.glob("summary-*.json")):
+        match = _TAG_PATTERN.match(path.name)
+        if not match:
+            continue
+        with contextlib.suppress(json.JSONDecodeError, OSError):
+            summary = json.loads(path.read_text(encoding="utf-8"))
+            task = (int(match["a"]), int(match["ac"]))
+            latest = runs.get(task)
+            if latest is None or match["run"] > latest["run_id"]:
+                latest = runs[task] = {"run_id": match["run"], "world_size": int(match["w"]), "statuses": []}
+            if match["run"] == latest["run_id"]:
+                latest["statuses"].append(summary.get("status", "?"))
+    seen_tasks = {t for p in root.iterdir() if (t := _task_of(p.name)) is not None}  # any file of a task
+    counts = {count for _, count in seen_tasks | set(runs)}
+    without_summary = sorted(index for index, count in seen_tasks if (index, count) not in runs)
+    # a shard listed in a manifest but gone (deleted, or renamed .corrupt) matters until a rerun redid its keys
+    missing = sorted(n for n, r in state.missing.items() if not {str(k) for k in r["keys"]} <= owner.keys())
+    damaged = {t for n in [*state.bad, *missing] if (t := _task_of(n)) is not None}
+    unfinished = sorted(
+        index
+        for count in counts
+        for index in range(count)
+        if (run := runs.get((index, count))) is None
+        or len(run["statuses"]) < run["world_size"]
+        or any(status != "finished" for status in run["statuses"])
+        or (index, count) in damaged
+    )
+    temp_files = sorted(p.name for p in root.glob(".*.tar.tmp"))
+    if clean_temp:  # only the temporary files of tasks that no live process holds
+        for name in list(temp_files):
+            match = SHARD_PATTERN.match(name[1:].removesuffix(".tmp"))
+            if match and TaskLock.is_held(lock_path(root, match["prefix"])):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                (root / name).unlink()
+            temp_files.remove(name)
+    _atomic_lines(
+        root / "manifest.jsonl",
+        [
+            {
+                "shard": n,
+                "count": len(k),
+                **{f: state.records.get(n, {}).get(f) for f in ("size", "sha256")},
+                "keys": k,
+            }
+            for n, k in shards.items()
+        ],
+    )
+    _atomic_lines(root / "failures.jsonl", list(failures.values()))
+    summary = {
+        "shards": len(shards),
+        "samples": len(owner),
+        "failed": len(failures),
+        "duplicate_keys": duplicates,
+        "bad_shards": state.bad,
+        "missing_shards": missing,
+        "array_counts": sorted(counts),
+        "unfinished_array_tasks": unfinished,
+        "tasks_without_summary": without_summary,
+        "temp_files": temp_files,
+    }
+    (root / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    return summary
+
+
+def _atomic_lines(path: Path, records: list[dict[str, Any]]) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,297 @@
+"""EmerDiff (ICLR 2024) as functions that read beside the paper; docs/method.md is the reference.
+
+    trajectory, features = reference_pass(...)        # §2 encode + edit-friendly inversion, §3 queries at t_f
+    lowres, embeddings = lowres_masks(features, ...)   # §3 k-means → K low-res masks, §7 mask embeddings
+    plan = branch_plan(lowres, ...)                    # §4 one branch row per (image, mask, sign)
+    maps = difference_maps(model, trajectory, plan)    # §4–§6 modulated denoising, decode, ‖I⁻ − I⁺‖
+    labels = assign(smooth(maps, σ), size)             # §6 Gaussian smoothing, argmax, nearest resize
+
+`difference_maps_naive` is the slow reference of the vectorized path: one mask and sign at a time, masks built
+from `lowres == i` by itself, explicit attention probabilities. The frozen model reaches these functions as a
+`FrozenModel`; how many rows run per call is the caller's (emerdiff_pl.runtime).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.transforms.v2.functional import gaussian_blur
+
+from emerdiff_pl.attention import AttentionController, Backend, RecordKind
+from emerdiff_pl.inversion import NoiseSchedule, Trajectory, invert, sample_trajectory_latents
+from emerdiff_pl.kmeans import batched_kmeans, canonical_order, relabel
+from emerdiff_pl.prefix import PrefixSharing
+from emerdiff_pl.runtime import with_oom_halving
+
+# unet_call(x, t) -> model output (ε or v) of the U-Net with the empty-prompt embedding; `t` is one timestep for
+# every row or a tensor with each row's
+UNetCall = Callable[[Tensor, "int | Tensor"], Tensor]
+# decode(latents, chunk) -> RGB in [-1, 1] (float32), `chunk` latents at a time
+Decode = Callable[[Tensor, int], Tensor]
+
+
+@dataclass
+class FrozenModel:
+    """The frozen pieces the method drives: the U-Net (its processors set by `controller`), one U-Net call,
+    the branch decoder, the noise schedule, the attention kernel, and optional prefix sharing at t_m."""
+
+    unet: nn.Module
+    call: UNetCall
+    decode: Decode
+    schedule: NoiseSchedule
+    controller: AttentionController
+    backend: Backend
+    prefix: PrefixSharing | None = None
+
+
+@dataclass
+class BranchPlan:
+    """One row per branch: `image[r]` its image in the batch, `modulation[r]` (R, N) the c·M_i its modulated
+    layer adds at t_m; rows run image → mask → sign (−, + when two-sided, + alone when one-sided)."""
+
+    image: Tensor
+    modulation: Tensor
+    two_sided: bool
+
+
+# ---------------------------------------------------------------------------------------------- §2, §3
+def reference_pass(
+    model: FrozenModel,
+    x0: Tensor,
+    seeds: Sequence[int],
+    schedule_timesteps: list[int],
+    timesteps: list[int] | None,
+    feature_timestep: int,
+    record: RecordKind,
+    steps_per_call: int,
+) -> tuple[Trajectory | None, Tensor]:
+    """Sample the trajectory, run the unmodified U-Net over `timesteps` (recording `record` for injection),
+    and read the feature layer's query vectors at t_f. `timesteps=None` (lowres_bilinear): no inversion.
+
+    Returns (trajectory or None, features (B, N, C) of the call at `feature_timestep`)."""
+    ctl = model.controller
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    every = sample_trajectory_latents(model.schedule, x0, schedule_timesteps, generators)
+    trajectory = None
+    with ctl.reference(model.unet, model.backend, record=record, feature_timestep=feature_timestep):
+        if timesteps is not None:
+            latents = every[[schedule_timesteps.index(t) for t in timesteps]]
+
+            def unet_fn(x: Tensor, t: Tensor, steps: list[int]) -> Tensor:
+                with ctl.steps(steps, [timesteps[s] for s in steps]):
+                    return model.call(x, t)
+
+            # the steps are independent: several per U-Net call; halved after an out-of-memory error
+            trajectory = with_oom_halving(
+                steps_per_call,
+                lambda n: invert(unet_fn, model.schedule, latents, timesteps, n),
+                "reference steps",
+            )
+        if feature_timestep not in ctl.features:  # lowres_bilinear, or t_f outside the denoised span
+            with ctl.step(-1, feature_timestep, record="none"):
+                model.call(every[schedule_timesteps.index(feature_timestep)], feature_timestep)
+    return trajectory, ctl.features.pop(feature_timestep)
+
+
+def token_grid(n: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of a layer with n raster-order tokens in a U-Net over latents of size latent_hw."""
+    lat_h, lat_w = latent_hw
+    factor = math.sqrt(lat_h * lat_w / n)
+    h, w = round(lat_h / factor), round(lat_w / factor)
+    if h * w != n:
+        raise ValueError(f"cannot place {n} tokens on a grid for latents {lat_h}×{lat_w}")
+    return h, w
+
+
+def lowres_masks(
+    features: Tensor,
+    num_masks: int,
+    seeds: Sequence[int],
+    latent_hw: tuple[int, int],
+    n_init: int,
+    max_iter: int,
+) -> tuple[Tensor, Tensor]:
+    """k-means of the query vectors (B, N, C) → canonical low-res labels (B, h, w) and mask embeddings (B, K, C),
+    the mean feature vector inside each mask (docs/method.md §3, §7)."""
+    batch, n, _ = features.shape
+    h, w = token_grid(n, latent_hw)
+    if num_masks > n:
+        raise ValueError(
+            f"num_masks={num_masks} exceeds the {n} feature vectors of the feature layer ({h}×{w}); "
+            "lower num_masks or raise resolution"
+        )
+    result = batched_kmeans(features, num_masks, n_init=n_init, max_iter=max_iter, seeds=list(seeds))
+    labels = relabel(result.labels, canonical_order(result.labels, num_masks))
+    one_hot = F.one_hot(labels, num_masks).float()  # (B, N, K)
+    embeddings = (one_hot.transpose(1, 2) @ features) / one_hot.sum(1).clamp_min(1).unsqueeze(-1)
+    return labels.view(batch, h, w), embeddings
+
+
+# ---------------------------------------------------------------------------------------------- §4–§6
+def branch_plan(
+    lowres: Tensor, num_masks: int, grid: tuple[int, int], strength: float, two_sided: bool
+) -> BranchPlan:
+    """Every (image, mask, sign) of the batch as one row: the mask at the modulated layer's grid, ×±λ."""
+    batch, k = lowres.shape[0], num_masks
+    signs = (-1.0, 1.0) if two_sided else (1.0,)
+    masks = F.one_hot(lowres, k).permute(0, 3, 1, 2).float()  # (B, K, h, w)
+    if masks.shape[-2:] != grid:
+        masks = F.interpolate(masks, size=grid, mode="nearest")
+    image = torch.arange(batch).repeat_interleave(k * len(signs))
+    mask = torch.arange(k).repeat_interleave(len(signs)).repeat(batch)
+    sign = torch.tensor(signs).repeat(batch * k)
+    modulation = sign[:, None] * strength * masks[image, mask].flatten(1).cpu()
+    return BranchPlan(image, modulation, two_sided)
+
+
+def denoise_branches(
+    model: FrozenModel,
+    trajectory: Trajectory,
+    image: Tensor,
+    modulation: Tensor | None,
+    inject: bool,
+    path: list[Tensor] | None = None,
+) -> Tensor:
+    """Run branch rows from x_{t_m} to t = 0 sharing the trajectory's noise; the modulated layer adds
+    `modulation` at the t_m call only. `path` collects every x_t. → x_0 of each row."""
+    ctl, t_m = model.controller, trajectory.timesteps[0]
+    device = trajectory.latents.device
+    rows = image.to(device)
+    modulation = None if modulation is None else modulation.to(device)
+    x = trajectory.latents[0][rows]
+    steps = trajectory.timesteps
+    with ctl.branches(model.unet, model.backend, rows, modulation, modulation_timestep=t_m, inject=inject):
+        for s, t in enumerate(steps):
+            if path is not None:
+                path.append(x)
+            t_prev = steps[s + 1] if s + 1 < len(steps) else -1
+            # at t_m the rows of one image are identical up to the modulated layer
+            sharing = t == t_m and model.prefix is not None
+            if sharing:
+                model.prefix.share(rows)
+            try:
+                with ctl.step(s, t):
+                    eps = model.call(x, t).float()
+            finally:
+                if sharing:
+                    model.prefix.stop()
+            x = model.schedule.step(x, eps, t, t_prev, trajectory.noise[s][rows])
+    return x
+
+
+def difference_maps(
+    model: FrozenModel, trajectory: Trajectory, plan: BranchPlan, num_masks: int, inject: bool, chunk: int
+) -> Tensor:
+    """Every branch row of `plan`, `chunk` rows per U-Net call (halved on OOM), decoded; two-sided
+    d = ‖I⁻ − I⁺‖, one-sided d = ‖I⁺ − I_ref‖ per pixel over RGB. → d (B, K, H, W)."""
+    image, modulation = plan.image, plan.modulation
+    batch = trajectory.latents.shape[1]
+    rgb_ref = None if plan.two_sided else model.decode(trajectory.final, min(chunk, batch))
+    maps: list[Tensor] = []
+    done = 0
+
+    def run(size: int) -> None:
+        nonlocal done
+        while done < len(image):
+            rows = slice(done, done + size)
+            x0 = denoise_branches(model, trajectory, image[rows], modulation[rows], inject)
+            rgb = model.decode(x0, max(1, size // 2))
+            if rgb_ref is None:  # rows alternate −, +
+                maps.append((rgb[0::2] - rgb[1::2]).norm(dim=1))
+            else:
+                maps.append((rgb - rgb_ref[image[rows].to(rgb.device)]).norm(dim=1))
+            done += len(rgb)
+
+    with_oom_halving(chunk, run, "branches", even=plan.two_sided)
+    model.controller.clear()
+    out = torch.cat(maps)
+    return out.view(batch, num_masks, *out.shape[-2:])
+
+
+def difference_maps_naive(
+    model: FrozenModel,
+    trajectory: Trajectory,
+    lowres: Tensor,
+    num_masks: int,
+    grid: tuple[int, int],
+    strength: float,
+    two_sided: bool,
+    inject: bool,
+) -> Tensor:
+    """Reference path: one image, mask and sign at a time, the mask built here from `lowres == i` (not from
+    `branch_plan`), explicit attention probabilities recomputed from the unmodified run at every step, no
+    shared computation. Slow; it exists to prove the fast path right."""
+    ctl, steps = model.controller, trajectory.timesteps
+    device = trajectory.latents.device
+    one = torch.zeros(1, dtype=torch.long, device=device)
+    maps = []
+    for b in range(lowres.shape[0]):
+        reference = None if two_sided else model.decode(trajectory.final[b : b + 1], 1)
+        for i in range(num_masks):
+            mask = (lowres[b] == i).float()[None, None]
+            mask = F.interpolate(mask, size=grid, mode="nearest").flatten().to(device)
+            rgb = {}
+            for sign in (-1.0, 1.0) if two_sided else (1.0,):
+                x = trajectory.latents[0][b : b + 1]
+                for s, t in enumerate(steps):
+                    if inject:  # the reference call at this step, recording its probabilities
+                        with ctl.reference(model.unet, model.backend, record="probs"), ctl.step(s, t):
+                            model.call(trajectory.latents[s][b : b + 1], t)
+                    modulation = (sign * strength * mask)[None]
+                    with (
+                        ctl.branches(model.unet, model.backend, one, modulation, steps[0], inject),
+                        ctl.step(s, t),
+                    ):
+                        eps = model.call(x, t).float()
+                    t_prev = steps[s + 1] if s + 1 < len(steps) else -1
+                    x = model.schedule.step(x, eps, t, t_prev, trajectory.noise[s][b : b + 1])
+                rgb[sign] = model.decode(x, 1)
+            other = rgb[-1.0] if two_sided else reference
+            maps.append((other - rgb[1.0]).norm(dim=1)[0])
+    ctl.clear()
+    return torch.stack(maps).view(lowres.shape[0], num_masks, *maps[0].shape)
+
+
+def smooth(maps: Tensor, sigma: float) -> Tensor:
+    """Gaussian filter of each map (B, K, H, W), σ in pixels, window radius ⌈3σ⌉ (capped by the map); σ ≤ 0:
+    the maps unchanged."""
+    if sigma <= 0:
+        return maps
+    radius = min(math.ceil(3 * sigma), maps.shape[-1] - 1, maps.shape[-2] - 1)
+    flat = maps.flatten(0, 1).unsqueeze(1)
+    return gaussian_blur(flat, kernel_size=[2 * radius + 1] * 2, sigma=[sigma, sigma]).view_as(maps)
+
+
+def lowres_bilinear_scores(lowres: Tensor, num_masks: int, size: int | tuple[int, int]) -> Tensor:
+    """The baseline's score maps: the one-hot low-res masks upsampled bilinearly to the model input size
+    (an int: size × size) → (B, K, H, W)."""
+    one_hot = F.one_hot(lowres, num_masks).permute(0, 3, 1, 2).float()
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    return F.interpolate(one_hot, size=hw, mode="bilinear", align_corners=False)
+
+
+def assign(scores: Tensor, output_size: tuple[int, int]) -> Tensor:
+    """The one place score maps (B, K, h, w) become labels: argmax over K, resized nearest to `output_size`."""
+    labels = scores.argmax(1, keepdim=True).float()
+    return F.interpolate(labels, size=tuple(output_size), mode="nearest-exact").squeeze(1).long()
+
+
+__all__ = [
+    "BranchPlan",
+    "FrozenModel",
+    "assign",
+    "branch_plan",
+    "denoise_branches",
+    "difference_maps",
+    "difference_maps_naive",
+    "lowres_bilinear_scores",
+    "lowres_masks",
+    "reference_pass",
+    "smooth",
+    "token_grid",
+]

@@ -1,0 +1,247 @@
+"""Images at their own aspect ratio (`resize: keep_aspect`): model input sizes, shape buckets, non-square grids."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FAST_SEGMENTER, encode, random_rgb
+from PIL import Image
+
+from emerdiff_pl import EmerDiffSegmenter, cli
+from emerdiff_pl.data import EmerDiffDataModule, ImageStream, list_folder, model_input_size, resize_for_model
+
+# tiny-random needs sides divisible by 16 (VAE ×2, U-Net ×8): at resolution 64 a 2:1 image becomes 48×96
+ASPECT = {**FAST_SEGMENTER, "resize": "keep_aspect", "resize_multiple": 16}
+
+
+def blobs(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Blobby images of any shape (bilinear upsampling of 4×8 noise), so low-res clusters form regions."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.rand(batch, 3, 4, 8, generator=g)
+    return F.interpolate(noise, size=(height, width), mode="bilinear", align_corners=False)
+
+
+@pytest.fixture(scope="module")
+def model() -> EmerDiffSegmenter:
+    m = EmerDiffSegmenter(**ASPECT)
+    m.configure_model()
+    return m
+
+
+def test_model_input_size_keeps_area_aspect_and_multiples():
+    assert model_input_size(1024, 2048, 704, "keep_aspect", 64) == (512, 1024)  # configs/sd14-cityscapes.yaml
+    assert model_input_size(1024, 2048, 512, "square", 64) == (512, 512)
+    for res in (16, 32, 48, 64, 128, 512):  # a square image keeps today's resolution²
+        assert model_input_size(100, 100, res, "keep_aspect", 64) == (res, res)
+    h, w = model_input_size(480, 640, 512, "keep_aspect", 64)  # 4:3
+    assert (h, w) == (448, 576) and h % 64 == w % 64 == 0
+    # extreme shapes: at most 4:1, never a side below one step
+    assert model_input_size(1, 4000, 512, "keep_aspect", 64) == (256, 1024)
+    assert model_input_size(4000, 1, 512, "keep_aspect", 64) == (1024, 256)
+    assert model_input_size(1, 4000, 32, "keep_aspect", 64) == (32, 64)
+    with pytest.raises(ValueError, match="resize must be one of"):
+        model_input_size(10, 10, 64, "stretch")
+
+
+def test_square_reproduces_the_squashing_resize_bit_identically():
+    rgb = random_rgb(37, 90, seed=1)
+    image = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255.0)[None]
+    old = F.interpolate(image, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
+    old = old[0].clamp(0, 1)
+    assert torch.equal(resize_for_model(rgb, 16), old)
+    assert torch.equal(resize_for_model(rgb, 16, "square", 64), old)
+    assert resize_for_model(rgb, 64, "keep_aspect", 16).shape == (3, 48, 96)
+
+
+def test_square_segmenter_is_todays_segmenter(model):
+    images = blobs(2, 37, 90, seed=2)
+    square = EmerDiffSegmenter(**{**FAST_SEGMENTER, "resize": "square"})
+    result = square.segment(images)
+    # today's path written out: squash to 64², segment, labels back to the input size
+    squashed = F.interpolate(images, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+    today = square.segment(squashed, output_size=(37, 90))
+    assert torch.equal(result.labels, today.labels) and torch.equal(result.lowres_labels, today.lowres_labels)
+    assert result.lowres_labels.shape == (2, 8, 8)
+
+
+def test_two_to_one_image_gives_two_to_one_latent_and_grid(model):
+    images = blobs(1, 100, 200)
+    latents = model.encode(images)
+    assert latents.shape[-2:] == (24, 48)  # 48×96 model input, VAE ×2
+    result = model.segment(images)
+    assert result.lowres_labels.shape == (1, 6, 12)  # the feature layer at ¼ of the latent
+    assert result.labels.shape == (1, 100, 200)
+    tall = model.segment(images.transpose(2, 3))
+    assert tall.lowres_labels.shape == (1, 12, 6) and tall.labels.shape == (1, 200, 100)
+
+
+@pytest.mark.parametrize("method_name", ["emerdiff", "lowres_bilinear"])
+def test_labels_align_with_the_non_square_lowres_map(method_name):
+    """As the square alignment test (tests/test_segmenter.py): the argmax follows the low-res map at 2:1, far
+    more than the same map flipped left-right (a w×h / h×w mix-up or a squashed grid lands near that level)."""
+    m = EmerDiffSegmenter(**{**ASPECT, "num_masks": 6, "gaussian_sigma": 2.0, "method": method_name})
+    result = m.segment(blobs(3, 48, 96, seed=0))
+    assert result.lowres_labels.shape == (3, 6, 12)
+    lowres = result.lowres_labels[:, None].float()
+    up = F.interpolate(lowres, size=(48, 96), mode="nearest-exact")[:, 0].long()
+    agree = (up == result.labels).float().mean().item()
+    agree_flip = (up.flip(-1) == result.labels).float().mean().item()
+    p = F.one_hot(result.labels, 6).float().mean((1, 2))
+    q = F.one_hot(up, 6).float().mean((1, 2))
+    chance = (p * q).sum(1).mean().item()
+    assert agree > 2 * chance, (agree, chance)
+    assert agree > agree_flip + 0.15, (agree, agree_flip)
+
+
+def _mixed_folder(root: Path) -> dict[str, tuple[int, int]]:
+    sizes = {
+        "w1.png": (40, 80),
+        "t1.png": (80, 40),
+        "s1.png": (50, 50),
+        "w2.png": (30, 64),
+        "t2.png": (90, 44),
+    }
+    sizes |= {"s2.png": (60, 60), "w3.png": (20, 41), "tiny_wide.png": (1, 4000), "tiny_tall.png": (4000, 1)}
+    root.mkdir(parents=True, exist_ok=True)
+    for i, (name, (h, w)) in enumerate(sorted(sizes.items())):
+        (root / name).write_bytes(encode(Image.fromarray(random_rgb(h, w, seed=i)), "PNG"))
+    return sizes
+
+
+def test_buckets_cover_every_image_once_and_flush_at_the_end(tmp_path):
+    sizes = _mixed_folder(tmp_path / "in")
+    units = list_folder(tmp_path / "in")
+    stream = ImageStream(units, "folder", 64, 2, 10**7, resize="keep_aspect", resize_multiple=16)
+    batches = list(stream)
+    keys = [k for b in batches for k in b["key"]]
+    assert sorted(keys) == sorted(k for k, _ in units) and len(keys) == len(set(keys)) == len(sizes)
+    shapes = []
+    for b in batches:
+        assert 1 <= len(b["key"]) <= 2
+        shapes.append(tuple(b["image"].shape[-2:]))
+        for key, original, size in zip(b["key"], b["original"], b["original_size"], strict=True):
+            h, w = sizes[key.replace("_png", ".png")]
+            assert tuple(original.shape[:2]) == (h, w) == tuple(size.tolist())
+            assert tuple(b["image"].shape[-2:]) == model_input_size(h, w, 64, "keep_aspect", 16)
+    assert len(set(shapes)) >= 3  # wide, tall and square buckets
+    assert sum(len(b["key"]) == 1 for b in batches) >= 1  # some buckets were flushed part-full at the end
+    # square mode: one bucket, input order, as before
+    square = list(ImageStream(units, "folder", 64, 2, 10**7, resize="square"))
+    assert [k for b in square for k in b["key"]] == [k for k, _ in units]
+    assert all(b["image"].shape[-2:] == (64, 64) for b in square)
+
+
+def test_results_do_not_depend_on_the_mixed_aspect_batch(model, tmp_path):
+    _mixed_folder(tmp_path / "in")
+    units = list_folder(tmp_path / "in")
+    together = {}
+    for batch in ImageStream(units, "folder", 64, 3, 10**7, resize="keep_aspect", resize_multiple=16):
+        out = model.predict_step(batch)
+        for i, key in enumerate(out["key"]):
+            together[key] = (out["labels"][i], out["lowres_labels"][i], out["model_size"])
+    assert len(together) == len(units)
+    for batch in ImageStream(units, "folder", 64, 1, 10**7, resize="keep_aspect", resize_multiple=16):
+        out = model.predict_step(batch)
+        key = out["key"][0]
+        labels, lowres, size = together[key]
+        assert torch.equal(out["labels"][0], labels) and torch.equal(out["lowres_labels"][0], lowres), key
+        assert out["model_size"] == size == list(batch["image"].shape[-2:])
+        original = batch["original"][0]
+        assert labels.shape == original.shape[:2]  # back at the original size, 1×4000 and 4000×1 included
+        if key.startswith("tiny_"):
+            h, w = lowres.shape
+            assert max(h, w) == 4 * min(h, w), (key, lowres.shape)  # clamped to 4:1, not 4000:1
+
+
+def test_extreme_images_segment_at_original_size(model):
+    for shape in ((1, 4000), (4000, 1)):
+        rgb = np.ascontiguousarray(random_rgb(*shape, seed=3))
+        image = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255)[None]
+        result = model.segment(image)
+        assert result.labels.shape == (1, *shape)
+        assert result.labels.min() >= 0 and result.labels.max() < 4
+
+
+def test_data_resize_follows_the_model(tmp_path):
+    _mixed_folder(tmp_path / "in")
+    args = ["--model.pretrained", "tiny-random", "--data.folder", str(tmp_path / "in")]
+    args += ["--writer.output_dir", str(tmp_path / "out")]
+    built = cli.cli_main(args, run=False)
+    assert built.model.hparams.resize == built.datamodule.resize == "keep_aspect"
+    assert built.model.hparams.resize_multiple == built.datamodule.resize_multiple == 64
+    built = cli.cli_main([*args, "--model.resize", "square", "--model.resize_multiple", "32"], run=False)
+    assert built.datamodule.resize == "square" and built.datamodule.resize_multiple == 32
+    with pytest.raises(ValueError, match="data.resize"):
+        EmerDiffDataModule(folder=str(tmp_path / "in"), resize="stretch")
+
+
+def test_a_resize_multiple_the_model_cannot_divide_is_a_clear_error():
+    with pytest.raises(ValueError, match="multiples of 16"):
+        EmerDiffSegmenter(**{**ASPECT, "resize_multiple": 8}).configure_model()
+
+
+def test_toy_scenes_take_a_width_and_keep_their_square_scenes():
+    from emerdiff_pl.datasets import toyworld
+
+    wide = toyworld.generate_scene(5, 128, 256)
+    assert wide.image.shape == (128, 256, 3) and wide.labels.shape == (128, 256)
+    assert all(o.mask.shape == (128, 256) for o in wide.objects)
+    assert (wide.labels[0] == 0).mean() > 0.5  # sky along the top
+    assert wide.labels[:, 128:].size and np.isin(wide.labels, range(7)).all()
+    square, same = toyworld.generate_scene(5, 128), toyworld.generate_scene(5, 128, 128)
+    assert np.array_equal(square.image, same.image) and np.array_equal(square.labels, same.labels)
+    tall = next(toyworld.generate_scenes(1, 0, 256, width=128))
+    assert tall.image.shape == (256, 128, 3)
+
+
+def test_non_square_token_grids_keep_raster_order():
+    """Features whose top half differs from the bottom half (raster order over 6×12) give a low-res map split
+    the same way, and a branch's modulation is that mask on the modulated layer's grid (h×w, not w×h)."""
+    from emerdiff_pl import method
+
+    h, w = 6, 12
+    assert method.token_grid(h * w, (24, 48)) == (h, w) and method.token_grid(h * w, (48, 24)) == (w, h)
+    top = (torch.arange(h * w) // w < h // 2).float()
+    features = torch.stack([top, 1 - top], -1)[None] + 0.01 * torch.randn(1, h * w, 2)
+    lowres, _ = method.lowres_masks(features, 2, [0], (24, 48), n_init=2, max_iter=20)
+    band = top.view(h, w).long()
+    assert lowres.shape == (1, h, w)
+    assert torch.equal(lowres[0], band) or torch.equal(lowres[0], 1 - band)
+    plan = method.branch_plan(lowres, 2, (2 * h, 2 * w), 1.0, two_sided=False)
+    mask0 = (lowres[0] == 0).float()[None, None]
+    expected = F.interpolate(mask0, size=(2 * h, 2 * w), mode="nearest").flatten()
+    assert torch.equal(plan.modulation[0], expected)
+
+
+def test_predict_records_the_model_input_size(tmp_path):
+    from conftest import read_output
+
+    from emerdiff_pl.runtime import auto_branch_rows
+
+    assert auto_branch_rows(140e9, (512, 1024)) == 8  # auto rows scale with the model input's area
+    sizes = {"wide.png": (20, 41), "tall.png": (40, 20), "square.png": (30, 30)}
+    (tmp_path / "in").mkdir()
+    for i, (name, (h, w)) in enumerate(sizes.items()):
+        (tmp_path / "in" / name).write_bytes(encode(Image.fromarray(random_rgb(h, w, seed=i)), "PNG"))
+    out = tmp_path / "out"
+    cli.cli_main(
+        [
+            "predict", "--config", "configs/tiny.yaml", "--data.folder", str(tmp_path / "in"),
+            "--data.num_workers", "0", "--writer.output_dir", str(out), "--model.resolution", "32",
+            "--model.resize_multiple", "16", "--trainer.enable_progress_bar", "false",
+        ]
+    )  # fmt: skip
+    samples = {s["__key__"]: s for s in read_output(out)["samples"]}
+    expected = {"wide_png": [16, 48], "tall_png": [48, 16], "square_png": [32, 32]}
+    assert set(samples) == set(expected)
+    for key, size in expected.items():
+        meta = samples[key]["json"]
+        assert meta["model_size"] == size and meta["hparams"]["resize"] == "keep_aspect"
+        assert samples[key]["seg.png"].shape == tuple(meta["original_size"])
+        assert [8 * s for s in samples[key]["lowres.png"].shape] == size  # tiny.yaml: lowres = input / 8

@@ -1,0 +1,94 @@
+"""emerdiff-pl export --format folder: the images/ + labels/ layout read back, and its refusals."""
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+from conftest import ColourQuantizer
+from PIL import Image
+
+from emerdiff_pl.cli import main as cli_main
+from emerdiff_pl.commands.export import main as export_main
+from emerdiff_pl.data import EmerDiffDataModule
+from emerdiff_pl.datasets import toyworld
+from emerdiff_pl.relabel import main as relabel_main
+from emerdiff_pl.shardio import iter_samples
+from emerdiff_pl.writer import PseudoLabelWriter
+
+
+def predict(output_dir: Path, urls: list[str], include_image: bool) -> None:
+    writer = PseudoLabelWriter(str(output_dir), include_image=include_image)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, callbacks=[writer]
+    )
+    data = EmerDiffDataModule(urls=urls, resolution=32, batch_size=2, num_workers=0)
+    trainer.predict(ColourQuantizer(), datamodule=data, return_predictions=False)
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> dict:
+    """Toy scenes, their raw pseudo-labels (no images), and those relabelled into 3 global classes."""
+    scenes = toyworld.write_shards(tmp_path / "scenes", 5, seed=4, size=32, shard_size=5, progress=False)
+    predict(tmp_path / "pred", scenes, include_image=False)
+    relabel_main(["--input", str(tmp_path / "pred"), "--output", str(tmp_path / "rel"), "--num-classes", "3",
+                  "--device", "cpu"])  # fmt: skip
+    return {"scenes": scenes, "pred": str(tmp_path / "pred"), "rel": str(tmp_path / "rel"), "tmp": tmp_path}
+
+
+def test_folder_export_reads_back_as_the_relabelled_labels_and_the_images(shards: dict):
+    out = shards["tmp"] / "export"
+    code = cli_main(["export", "--input", shards["rel"], "--images", shards["scenes"][0], "--format", "folder",
+                     "--out", str(out), "--class-names", "a,b,c"])  # fmt: skip
+    assert code == 0
+    relabelled = {s["__key__"]: s["seg.png"] for s in iter_samples(shards["rel"], fields={"seg.png"})}
+    scenes = {s["__key__"]: s["png"] for s in iter_samples(shards["scenes"], fields={"png"})}
+    images = sorted(p.relative_to(out / "images").as_posix() for p in (out / "images").rglob("*.png"))
+    labels = sorted(p.relative_to(out / "labels").as_posix() for p in (out / "labels").rglob("*.png"))
+    assert images == labels == sorted(f"{k}.png" for k in relabelled)
+    for key, expected in relabelled.items():
+        label = np.asarray(Image.open(out / "labels" / f"{key}.png"))
+        np.testing.assert_array_equal(label, expected)
+        np.testing.assert_array_equal(np.asarray(Image.open(out / "images" / f"{key}.png")), scenes[key])
+    assert (out / "classes.txt").read_text().splitlines() == ["a", "b", "c"]
+    record = json.loads((out / "export.json").read_text())
+    assert record["samples"] == len(relabelled) and record["num_classes"] == 3
+    assert sum(record["pixels_per_class"]) == sum(v.size for v in relabelled.values())
+
+
+def test_export_of_shards_that_were_not_relabelled_is_a_clear_error(shards: dict, capsys):
+    out = shards["tmp"] / "export"
+    code = export_main(["--input", shards["pred"], "--images", shards["scenes"][0], "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "is not relabelled" in err and "emerdiff-pl relabel" in err
+    assert not (out / "export.json").exists() and not (out / "labels").exists()
+
+
+def test_export_without_images_names_the_missing_option(shards: dict, capsys):
+    code = export_main(["--input", shards["rel"], "--out", str(shards["tmp"] / "export")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no image member" in err and "images" in err
+
+
+def test_export_refuses_a_folder_that_is_not_empty(shards: dict, capsys):
+    out = shards["tmp"] / "export"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert export_main(["--input", shards["rel"], "--images", shards["scenes"][0], "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_relabel_keeps_included_images_so_export_needs_no_image_shards(shards: dict):
+    tmp = shards["tmp"]
+    predict(tmp / "pred-img", shards["scenes"], include_image=True)
+    relabel_main(["--input", str(tmp / "pred-img"), "--output", str(tmp / "rel-img"), "--num-classes", "3",
+                  "--device", "cpu"])  # fmt: skip
+    out = tmp / "export"
+    assert export_main(["--input", str(tmp / "rel-img"), "--out", str(out)]) == 0
+    scenes = {s["__key__"]: s["png"] for s in iter_samples(shards["scenes"], fields={"png"})}
+    for key, image in scenes.items():
+        np.testing.assert_array_equal(np.asarray(Image.open(out / "images" / f"{key}.png")), image)

@@ -1,0 +1,271 @@
+"""The first hour of a new user: mistakes give one message and a non-zero exit before any weight loads, progress
+is counted in images, runs are quiet, light subcommands start without torch, and `show` reads image folders."""
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, make_shards, run, subprocess_env
+from PIL import Image
+
+from emerdiff_pl import cli
+from emerdiff_pl.progress import ImageProgressBar, InputCount, count_tar_samples, format_rate
+from emerdiff_pl.validation import UserError, check_model
+
+TINY = str(REPO / "configs" / "tiny.yaml")
+
+
+def _cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "emerdiff_pl", *args],
+        cwd=REPO,
+        env={**subprocess_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+# ---- mistakes: one message, the real flag, exit 2, no files ---------------------------------------------------------
+
+
+def test_missing_folder_is_one_message_naming_the_flag_and_leaves_no_files(tmp_path: Path):
+    out = tmp_path / "out"
+    result = _cli(
+        "predict", "--config", TINY, "--data.folder", str(tmp_path / "nope"), "--writer.output_dir", str(out)
+    )
+    assert result.returncode == 2
+    assert (
+        "Traceback" not in result.stderr
+        and "--data.folder" in result.stderr
+        and "does not exist" in result.stderr
+    )
+    assert len(result.stderr.strip().splitlines()) <= 3  # the message and the --debug hint
+    assert _files(out) == []  # neither config nor summary of a run that never started
+    debug = _cli("predict", "--config", TINY, "--data.folder", str(tmp_path / "nope"), "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "UserError" in debug.stderr
+
+
+def test_gpu_config_without_a_gpu_says_how_to_run_on_the_cpu(tmp_path: Path, image_folder: dict):
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = _cli(
+        "predict", "--config", str(REPO / "configs" / "sd14.yaml"), "--data.folder", str(image_folder["root"]),
+        "--writer.output_dir", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--trainer.accelerator cpu" in result.stderr and "configs/toyworld.yaml" in result.stderr
+    assert "MisconfigurationException" not in result.stderr and _files(tmp_path / "out") == []
+
+
+def _mistake(tmp_path: Path, image_folder: dict, case: str) -> tuple[list[str], str]:
+    """Arguments of one typical mistake and a phrase the message must contain."""
+    folder = str(image_folder["root"])
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    make_shards(tmp_path / "shards", num_shards=1, per_shard=1)
+    shard = str(tmp_path / "shards" / "in-000000.tar")
+    cases = {
+        "empty_folder": (["--data.folder", str(empty)], "holds no images"),
+        "tar_as_folder": (["--data.folder", shard], "pass it as --data.urls"),
+        "images_as_urls": (["--data.urls", str(next(Path(folder).glob("*.jpg")))], "--data.folder"),
+        "missing_shards": (["--data.urls", str(tmp_path / "in-{000000..000003}.tar")], "--data.urls"),
+        "both_inputs": (["--data.folder", folder, "--data.urls", shard], "exactly one input"),
+        "output_is_a_file": (["--data.folder", folder, "--writer.output_dir", str(a_file)], "is a file"),
+        "wrong_layer": (
+            ["--data.folder", folder, "--model.feature_layer", "up_blocks.1.attentions.0.attn2"],
+            "up_blocks.1.attentions.0.transformer_blocks.0.attn2",  # the valid names are listed
+        ),
+        "too_many_masks": (
+            ["--data.folder", folder, "--model.num_masks", "65"],
+            "--model.num_masks 65 exceeds",
+        ),
+        "not_a_model_folder": (
+            ["--data.folder", folder, "--model.pretrained", str(empty)],
+            "--model.pretrained",
+        ),
+        "offline_hub_id": (
+            ["--data.folder", folder, "--model.pretrained", "no-such-org/no-such-model"],
+            "hf download no-such-org/no-such-model",
+        ),
+    }
+    return cases[case]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty_folder", "tar_as_folder", "images_as_urls", "missing_shards", "both_inputs", "output_is_a_file",
+        "wrong_layer", "too_many_masks", "not_a_model_folder", "offline_hub_id",
+    ],
+)  # fmt: skip
+def test_user_mistakes_exit_2_with_one_clear_message(tmp_path: Path, image_folder: dict, case: str, capsys):
+    args, phrase = _mistake(tmp_path, image_folder, case)
+    out = tmp_path / "out"
+    if "--writer.output_dir" not in args:
+        args = [*args, "--writer.output_dir", str(out)]
+    assert cli.main(["predict", "--config", TINY, *args]) == 2  # the same main() as the console script
+    err = capsys.readouterr().err
+    assert err.startswith("emerdiff-pl predict: error: ") and phrase in err, err
+    assert "Traceback" not in err and _files(out) == []
+
+
+def test_tiny_random_layer_grid_matches_the_backbone():
+    layer = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"  # 8×8 at 64² (tiny_random_components)
+    check_model({"pretrained": "tiny-random", "resolution": 64, "num_masks": 64, "feature_layer": layer})
+    with pytest.raises(UserError, match="8×8 = 64"):
+        check_model({"pretrained": "tiny-random", "resolution": 64, "num_masks": 65, "feature_layer": layer})
+    shipped = "up_blocks.2.attentions.0.transformer_blocks.0.attn2"  # configs/toyworld.yaml: 16×16 at 128²
+    check_model({"pretrained": "toyworld-ldm", "resolution": 128, "num_masks": 256, "feature_layer": shipped})
+    with pytest.raises(UserError, match="16×16 = 256"):
+        check_model(
+            {"pretrained": "toyworld-ldm", "resolution": 128, "num_masks": 257, "feature_layer": shipped}
+        )
+
+
+def test_a_run_that_fails_before_its_first_sample_writes_no_config(tmp_path: Path, image_folder: dict):
+    from conftest import ColourQuantizer
+
+    out = tmp_path / "out"
+    args = [
+        "predict", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "--data.folder", str(image_folder["root"]), "--data.num_workers", "0", "--writer.output_dir", str(out),
+        "--model.fail_at_batch", "0",
+    ]  # fmt: skip
+    with pytest.raises(RuntimeError, match="planned failure"):
+        cli.cli_main(args, model_class=ColourQuantizer)
+    assert not list(out.glob("config-*.yaml"))
+    summaries = [json.loads(p.read_text()) for p in out.glob("summary-*.json")]
+    assert len(summaries) <= 1 and all(s["status"].startswith("interrupted") for s in summaries)
+
+
+# ---- progress ---------------------------------------------------------------------------------------------------
+
+
+class _Counts:
+    def __init__(self, done: int, skipped: int = 0, failed: int = 0):
+        self.done, self.skipped, self.failed = done, skipped, failed
+
+
+def test_progress_line_shows_done_of_total_seconds_per_image_and_eta():
+    bar = ImageProgressBar()
+    bar._writer, bar.count = _Counts(done=3, failed=1), InputCount(10, True, True)
+    bar._start, bar._last_done_at = 0.001, 8.0
+    line = bar.line(now=8.0)  # 3 labelled in 8 s
+    assert "4/10 images (40%)" in line and "2.7 s/image" in line and "ETA 16s" in line and "1 failed" in line
+    bar._batch_images, bar._batch_start = 4, 8.0
+    later = bar.line(now=14.0)  # a batch running for 6 s: the rate stays, the ETA counts down
+    assert "batch of 4 running 6s" in later and "2.7 s/image" in later and "ETA 10s" in later
+    assert format_rate(0.25) == "4.0 images/s" and format_rate(2.0) == "2.0 s/image"
+    bar.count = InputCount(None, False, True)
+    assert bar.line(now=8.0).startswith("4 images ·")
+
+
+def test_tar_sample_count_reads_headers_and_survives_truncation(tmp_path: Path, mixed_shards: dict):
+    make_shards(tmp_path / "s", num_shards=1, per_shard=7)
+    assert count_tar_samples(str(tmp_path / "s" / "in-000000.tar")) == 7  # 7 samples of 2 fields
+    assert count_tar_samples(mixed_shards["corrupt_tar"]) == 1  # cut inside its first sample
+    with tarfile.open(tmp_path / "s" / "in-000000.tar") as tar:
+        assert len(tar.getmembers()) == 14
+
+
+def test_predict_logs_image_counts_without_a_terminal_and_stays_quiet(tmp_path: Path, fake_cli: Path):
+    make_shards(tmp_path / "in", num_shards=2, per_shard=3, size=16)
+    base = [
+        sys.executable, str(fake_cli), "predict", "--trainer.accelerator", "cpu", "--data.urls",
+        str(tmp_path / "in" / "in-{000000..000001}.tar"), "--data.batch_size", "2", "--data.num_workers", "0",
+    ]  # fmt: skip
+    result = run([*base, "--writer.output_dir", str(tmp_path / "out")])
+    text = result.stdout + result.stderr
+    assert "6 images to label" in text and "6/6 images (100%)" in text and "images/s" in text
+    noises = ("Tip:", "GPU available", "TPU available", "Seed set", "Predicting", "LOCAL_RANK", "deprecated")
+    assert not [noise for noise in noises if noise in text]
+    assert "\r" not in result.stderr  # plain lines, not a redrawn bar, when stderr is not a terminal
+    loud = subprocess.run(
+        [*base, "--writer.output_dir", str(tmp_path / "loud")], cwd=REPO, capture_output=True, text=True,
+        env={**subprocess_env(), "EMERDIFF_VERBOSE": "1"}, timeout=300,
+    )  # fmt: skip
+    assert loud.returncode == 0 and "GPU available" in loud.stdout + loud.stderr
+
+
+# ---- start-up, help --------------------------------------------------------------------------------------------------
+
+_PROBE = """
+import sys
+from emerdiff_pl.cli import main
+try:
+    main({argv!r})
+except SystemExit:
+    pass
+heavy = sorted(m for m in ("torch", "lightning", "diffusers", "transformers") if m in sys.modules)
+print("HEAVY=" + ",".join(heavy))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["show", "--help"], ["convert", "--help"], ["demo", "--help"]])
+def test_help_and_light_subcommands_import_no_torch(argv: list[str]):
+    result = run([sys.executable, "-c", _PROBE.format(argv=argv)])
+    assert "HEAVY=\n" in result.stdout, result.stdout[-500:]
+
+
+def test_top_level_help_lists_convert_toyworld_and_the_global_flags(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "convert toyworld --out" in out and "--debug" in out and "--verbose" in out
+
+
+def test_every_model_option_has_help_and_no_help_cites_a_file_outside_the_project(capsys):
+    from emerdiff_pl.segmenter import EmerDiffSegmenter
+
+    with pytest.raises(SystemExit):
+        cli.cli_main(["predict", "--help"])
+    text = capsys.readouterr().out
+    import inspect
+
+    for name in inspect.signature(EmerDiffSegmenter.__init__).parameters:
+        if name == "self":
+            continue
+        start = text.index(f"--model.{name} ")
+        block = text[start : text.index("\n  --", start + 1)]
+        words = block.split("\n", 1)[1] if "\n" in block else block
+        description = words.split("(type:", 1)[0].strip()
+        assert description, f"--model.{name} has no help text"
+    import re
+
+    cited = set(re.findall(r"[\w./-]+\.(?:md|py|yaml)\b", text))
+    assert not [c for c in cited if not (REPO / c).exists() and not list(REPO.rglob(Path(c).name))]
+
+
+# ---- show on the folder predict read -----------------------------------------------------------------------------
+
+
+def test_readme_folder_recipe_gives_a_sheet_with_the_image_column(
+    tmp_path: Path, image_folder: dict, fake_cli: Path
+):
+    out = tmp_path / "out"
+    run([
+        sys.executable, str(fake_cli), "predict", "--trainer.accelerator", "cpu", "--data.folder",
+        str(image_folder["root"]), "--data.num_workers", "0", "--writer.output_dir", str(out),
+    ])  # fmt: skip
+    sheet = tmp_path / "grid.png"
+    result = _cli("show", "--input", str(out), "--images", str(image_folder["root"]), "--out", str(sheet))
+    assert result.returncode == 0, result.stderr
+    assert "no image found" not in result.stderr
+    bare = tmp_path / "bare.png"
+    assert _cli("show", "--input", str(out), "--out", str(bare)).returncode == 0
+    with Image.open(sheet) as with_images, Image.open(bare) as without:
+        assert with_images.size == without.size
+        assert not np.array_equal(np.asarray(with_images), np.asarray(without))  # the image column is filled
