@@ -20,7 +20,7 @@ from torch import Tensor
 
 from emerdiff_pl import attention as attn
 from emerdiff_pl import method, runtime
-from emerdiff_pl.backbone import Backbone, load_backbone, load_taesd
+from emerdiff_pl.backbone import Backbone, latent_scale_factor, load_backbone, load_taesd
 from emerdiff_pl.data import RESIZE_MODES, model_input_size, size_unit
 from emerdiff_pl.inversion import NoiseSchedule, Trajectory, denoising_timesteps
 from emerdiff_pl.prefix import PrefixSharing
@@ -155,7 +155,6 @@ class EmerDiffSegmenter(L.LightningModule):
         self._channels_last_device: torch.device | None = None
         self.controller = attn.AttentionController(feature_layer, modulated_layer)
         self.prefix: PrefixSharing | None = None
-        self._input_hw: tuple[int, int] = (resolution, resolution)  # the model input of the current batch
 
     # ------------------------------------------------------------------ setup
     def _target_device(self) -> torch.device:
@@ -257,7 +256,7 @@ class EmerDiffSegmenter(L.LightningModule):
         """`keep_aspect` sides must divide by VAE factor × U-Net downsampling, or a grid would not be whole."""
         hp = self.hparams
         try:
-            vae_factor = 2 ** (len(backbone.vae.config.block_out_channels) - 1)
+            vae_factor = latent_scale_factor(backbone.vae)
             unet_factor = 2 ** (len(backbone.unet.config.down_block_types) - 1)
         except (AttributeError, TypeError):
             return
@@ -274,7 +273,6 @@ class EmerDiffSegmenter(L.LightningModule):
         """[0, 1] images at any size → VAE latent means × scaling factor (B, C, h, w), float32, the images
         resized to `model_input_size` first unless `resized` (DataModule batches already are)."""
         size = tuple(images.shape[-2:]) if resized else self.model_input_size(*images.shape[-2:])
-        self._input_hw = size
         x = images.to(self.device, torch.float32)
         if x.shape[-2:] != size:
             x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
@@ -314,11 +312,18 @@ class EmerDiffSegmenter(L.LightningModule):
             self.prefix.remove()
             self.prefix = None
 
-    def rows_per_call(self) -> int:
+    def input_size(self, latents: Tensor) -> tuple[int, int]:
+        """(h, w) of the model input that VAE-encodes to `latents` (…, h/f, w/f)."""
+        factor = latent_scale_factor(self.vae)
+        return (latents.shape[-2] * factor, latents.shape[-1] * factor)
+
+    def rows_per_call(self, latents: Tensor) -> int:
         """U-Net rows per call: `max_branch_batch`, or for `auto` from free CUDA memory (32 on CPU)."""
         hp = self.hparams
         # auto scales with the model input's area
-        return runtime.rows_per_call(hp.max_branch_batch, self.device, self._input_hw, self.unet.dtype)
+        return runtime.rows_per_call(
+            hp.max_branch_batch, self.device, self.input_size(latents), self.unet.dtype
+        )
 
     # ------------------------------------------------------------------ the method's steps
     def reference_pass(
@@ -328,7 +333,7 @@ class EmerDiffSegmenter(L.LightningModule):
         hp = self.hparams
         steps_per_call = 1
         if hp.batched_reference:
-            steps_per_call = min(len(self.timesteps), max(1, self.rows_per_call() // x0.shape[0]))
+            steps_per_call = min(len(self.timesteps), max(1, self.rows_per_call(x0) // x0.shape[0]))
         return method.reference_pass(
             self.frozen_model(),
             x0,
@@ -381,7 +386,7 @@ class EmerDiffSegmenter(L.LightningModule):
                 hp.attention_injection,
             )
         plan = self.branch_plan(lowres, trajectory)
-        chunk = runtime.branch_chunk(self.rows_per_call(), len(plan.image), self.two_sided)
+        chunk = runtime.branch_chunk(self.rows_per_call(trajectory.latents), len(plan.image), self.two_sided)
         return method.difference_maps(model, trajectory, plan, hp.num_masks, hp.attention_injection, chunk)
 
     def smooth(self, maps: Tensor) -> Tensor:
@@ -435,7 +440,7 @@ class EmerDiffSegmenter(L.LightningModule):
             lowres, embeddings = self.lowres_masks(features, seeds, tuple(x0.shape[-2:]))
             lap("kmeans_s")
             if hp.method == "lowres_bilinear":
-                scores = method.lowres_bilinear_scores(lowres, hp.num_masks, self._input_hw)
+                scores = method.lowres_bilinear_scores(lowres, hp.num_masks, self.input_size(x0))
             else:
                 scores = self.smooth(self.difference_maps(trajectory, lowres, naive=naive))
                 lap("branches_s")
