@@ -99,6 +99,48 @@ def file_key(relative_path: str) -> str:
     return key
 
 
+def list_folder(folder: str | os.PathLike, all_files: bool = False) -> list[tuple[str, str]]:
+    """Sorted (key, path) pairs for the images under ``folder`` (recursive, hidden files and folders ignored).
+
+    Keys are :func:`~emerdiff_pl.shardio.file_key` of the relative path: they depend on the file's own path
+    alone (``a.jpg`` → ``a_jpg``, ``a.png`` → ``a_png``), so adding files never renames another one.
+    ``all_files`` also lists the files without an image extension (predict records them as failures).
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.folder {str(folder)!r} is not a directory")
+    relpaths: list[str] = []
+    visited: set[tuple[int, int]] = set()  # (device, inode) of folders seen: symlink loops end here
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        info = os.stat(dirpath)
+        if (info.st_dev, info.st_ino) in visited:
+            dirnames[:] = []
+            continue
+        visited.add((info.st_dev, info.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # same walk order in every process
+        for name in filenames:
+            if name.startswith(".") or not (all_files or is_image_file(name)):
+                continue
+            relpaths.append(Path(dirpath, name).relative_to(root).as_posix())
+    relpaths.sort()
+    out: list[tuple[str, str]] = []
+    owner: dict[str, str] = {}
+    for rel in relpaths:
+        key = file_key(rel)
+        if key in owner:  # needs a file literally named like another's hashed key: refuse rather than guess
+            raise ValueError(
+                f"files {owner[key]!r} and {rel!r} under {str(folder)!r} map to the same key {key!r}"
+            )
+        owner[key] = rel
+        out.append((key, str(root / rel)))
+    return out
+
+
+def is_image_file(name: str) -> bool:
+    """Whether a file name has one of the image extensions read as input."""
+    return "." in name and name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+
+
 # --------------------------------------------------------------------------------------------------------------
 # URL expansion
 # --------------------------------------------------------------------------------------------------------------

@@ -274,10 +274,8 @@ class _FolderImages:
     """The images of a folder under the keys ``predict --data.folder`` gave them."""
 
     def __init__(self, folder: str):
-        try:  # the light home of the folder listing, where it lives; else the data module's
-            from emerdiff_pl.shardio import list_folder  # type: ignore[attr-defined]
-        except ImportError:
-            from emerdiff_pl.data import list_folder
+        from emerdiff_pl.shardio import list_folder
+
         self.paths = dict(list_folder(folder))
 
     def __contains__(self, key: str) -> bool:
