@@ -418,3 +418,19 @@ def test_evaluate_cli_concept_protocol_reads_embeddings_and_refuses_relabelled_s
     _write(tmp_path / "relabelled.tar", relabelled)
     with pytest.raises(ValueError, match="relabelled"):
         main(["--pred", str(tmp_path / "relabelled.tar"), *args[2:], "--protocol", "concept"])
+
+
+def test_evaluate_cli_reads_label_fields_of_any_name_raw(tmp_path, capsys):
+    """`--pred-field` / `--gt-field` named unlike the usual label fields are still read as raw ids, not as
+    pictures converted to RGB (which scored garbage or failed)."""
+    gts = {k: STRIPES.astype(np.uint8) for k in "ab"}
+    preds = {k: np.where(STRIPES == 0, 2, 0).astype(np.uint8) for k in "ab"}
+    _write(tmp_path / "gt.tar", [{"__key__": k, "truth.png": gts[k]} for k in "ab"])
+    _write(tmp_path / "pred.tar", [{"__key__": k, "pseudo.png": preds[k]} for k in "ab"])
+    args = ["--pred", str(tmp_path / "pred.tar"), "--gt", str(tmp_path / "gt.tar"), "--num-classes", "2"]
+    fields = ["--pred-field", "pseudo.png", "--gt-field", "truth.png", "--num-clusters", "3"]
+    assert main([*args, *fields, "--protocol", "global", "--out", str(tmp_path / "o")]) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    # one count per pixel: a label map read as an RGB picture counts every pixel three times
+    assert np.asarray(report["global"]["confusion"]).sum() == 2 * STRIPES.size
+    assert report["global"]["miou"] == pytest.approx(100.0)

@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     no_field: list[str] = []
     resized = 0
     fields = {pred_field, EMB_FIELD, "json"} if concept else {pred_field}
-    samples = iter_samples(args.pred, fields=fields)
+    samples = iter_samples(args.pred, fields=fields, labels={pred_field})  # read raw, whatever its name
     for sample in tqdm(samples, desc="evaluate", unit="img", dynamic_ncols=True, file=sys.stderr):
         if args.limit is not None and len(seen) >= args.limit:
             break
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         if key not in gt_index or args.gt_field not in gt_index.fields(key):
             pred_only.append(key)
             continue
-        target = gt_index.get(key, fields={args.gt_field})[args.gt_field]
+        target = gt_index.get(key, fields={args.gt_field}, labels={args.gt_field})[args.gt_field]
         pred = sample[pred_field]
         if pred.shape != target.shape:
             pred = resize_labels_nearest(pred, target.shape)
