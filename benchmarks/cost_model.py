@@ -3,6 +3,10 @@ compute, no weights), and the per-image cost of EmerDiff they imply (docs/method
 computing the t_m call's layers before the modulated one once per image (`emerdiff_pl.prefix`).
 
     python benchmarks/cost_model.py [--resolution 512] [--num-masks 20] [--steps 15] [--peak-tflops 800]
+    python benchmarks/cost_model.py --one-sided --steps 5 --decoder latent     # a fast setting, against the default
+
+`--one-sided` runs K branches (+ one reference decode) instead of 2K; `--decoder` counts the branch decodes with
+the VAE, TAESD (diffusers' AutoencoderTiny, madebyollin/taesd's architecture) or none (`latent`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         "--steps", type=int, default=15, help="denoising steps from t_m (281 on 50 steps: 15)"
     )
     parser.add_argument("--peak-tflops", type=float, default=800.0, help="dense bf16 peak of the target GPU")
+    parser.add_argument("--one-sided", action="store_true", help="difference: one_sided (K branches)")
+    parser.add_argument("--decoder", choices=("vae", "taesd", "latent"), default="vae", help="branch decoder")
     args = parser.parse_args(argv)
     latent = args.resolution // 8
     with torch.device("meta"):
@@ -45,23 +51,32 @@ def main(argv: list[str] | None = None) -> int:
         prefix = PrefixSharing(unet, AttentionController(FEATURE_LAYER, MODULATED_LAYER))
         prefix.trace_next_call()
         unet_flops = count(lambda: unet(x, 1, encoder_hidden_states=emb))
-        decode_flops = count(lambda: vae.decode(x))
+        vae_decode_flops = count(lambda: vae.decode(x))
+        from diffusers import AutoencoderTiny
+
+        taesd = AutoencoderTiny()  # TAESD for SD 1.x/2.x
+        decode_flops = {"vae": vae_decode_flops, "taesd": count(lambda: taesd.decode(x)), "latent": 0.0}[
+            args.decoder
+        ]
         encode_flops = count(lambda: vae.encode(image))
         k, s = args.num_masks, args.steps
-        branches = 2 * k
+        branches = k if args.one_sided else 2 * k
         rows = torch.empty(branches, 4, latent, latent)
         prefix.share(torch.zeros(branches, dtype=torch.long, device="cpu"))  # the t_m call of one image
         shared_tm_call = count(lambda: unet(rows, 1, encoder_hidden_states=emb.expand(branches, -1, -1)))
         prefix.stop()
     saved = branches * unet_flops - shared_tm_call
-    total = (branches + 1) * s * unet_flops + branches * decode_flops + encode_flops - saved
+    decodes = branches + (1 if args.one_sided else 0)  # one-sided: the unmodified run is decoded too
+    total = (branches + 1) * s * unet_flops + decodes * decode_flops + encode_flops - saved
     print(
-        f"U-Net call: {unet_flops / 1e12:.3f} TFLOP   VAE decode: {decode_flops / 1e12:.3f} TFLOP   "
-        f"VAE encode: {encode_flops / 1e12:.3f} TFLOP   ({args.resolution}², batch 1)"
+        f"U-Net call: {unet_flops / 1e12:.3f} TFLOP   VAE decode: {vae_decode_flops / 1e12:.3f} TFLOP   "
+        f"{args.decoder} decode: {decode_flops / 1e12:.3f} TFLOP   VAE encode: {encode_flops / 1e12:.3f} TFLOP   "
+        f"({args.resolution}², batch 1)"
     )
     print(
-        f"per image, K={k}, {s} steps: branches {(branches * s * unet_flops - saved) / 1e12:.0f} + reference "
-        f"{s * unet_flops / 1e12:.0f} (U-Net) + decodes {branches * decode_flops / 1e12:.0f} = {total / 1e12:.0f} TFLOP"
+        f"per image, K={k}, {'one' if args.one_sided else 'two'}-sided, {s} steps: branches "
+        f"{(branches * s * unet_flops - saved) / 1e12:.0f} + reference {s * unet_flops / 1e12:.0f} (U-Net) + "
+        f"{decodes} decodes {decodes * decode_flops / 1e12:.0f} = {total / 1e12:.0f} TFLOP"
     )
     print(
         f"prefix of the t_m call ({len(prefix.modules)} modules before {MODULATED_LAYER}): "

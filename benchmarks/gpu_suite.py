@@ -19,6 +19,7 @@ synthetic images; a variant that fails is recorded and the suite goes on. Rows:
   naive           the naive reference path on 1 image; its labels against the default path's
   chunk_N         max_branch_batch N: time and peak memory
   <option>        each fast option, with its label agreement against `default` on the same images
+  fast_preset     the settings configs/sd14-fast.yaml changes, on as many images as `default`
 Random weights make label agreement a measure of numerical sensitivity, not of quality.
 """
 
@@ -348,6 +349,19 @@ class Suite:
         )
 
 
+def fast_preset(smoke: bool) -> dict:
+    """The model settings configs/sd14-fast.yaml changes from configs/sd14.yaml (the `fast_preset` row)."""
+    import yaml
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    fast = yaml.safe_load((configs / "sd14-fast.yaml").read_text())["model"]
+    base = yaml.safe_load((configs / "sd14.yaml").read_text())["model"]
+    changed = {k: v for k, v in fast.items() if base.get(k) != v}
+    if changed.get("decoder") == "taesd":  # random weights of the real TAESD's shape: the same FLOPs
+        changed["taesd_model"] = "tiny-random" if smoke else "sd14-arch"
+    return changed
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="gpu_suite_out")
@@ -385,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
             "taesd_decoder",
             dict(n=few, decoder="taesd", taesd_model="tiny-random" if args.smoke else "sd14-arch"),
         ),
+        ("latent_decoder", dict(n=few, decoder="latent")),
+        ("fast_preset", dict(n=n, **fast_preset(args.smoke))),
     ]
     if args.compile:
         plan.append(("compile", dict(n=few, flops="default", compile=True)))

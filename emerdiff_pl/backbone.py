@@ -192,13 +192,13 @@ def _local_path(name: str) -> Path | None:
 def resolve_local_model(pretrained: str) -> Path | None:
     """A local folder for `pretrained`, a shipped model name (e.g. `toyworld-ldm`), or None for a hub id."""
     shipped = _SHIPPED_MODELS / pretrained
-    if "/" not in pretrained and shipped.is_dir():
+    if "/" not in pretrained and (shipped / "model_index.json").is_file():
         return shipped
     path = _local_path(pretrained)
     if path is None:
         return None
     if not path.is_dir():
-        shipped_names = sorted(p.name for p in _SHIPPED_MODELS.iterdir()) if _SHIPPED_MODELS.is_dir() else []
+        shipped_names = shipped_models()
         raise FileNotFoundError(
             f"pretrained={pretrained!r} is not a folder. Pass a local diffusers folder (with "
             f"{', '.join(COMPONENTS)} subfolders), a hub id like 'CompVis/stable-diffusion-v1-4', "
@@ -276,15 +276,32 @@ def tiny_random_taesd(vae: AutoencoderKL, seed: int = 0) -> AutoencoderTiny:
         )
 
 
+def shipped_taesd(name: str) -> Path | None:
+    """The folder of a shipped AutoencoderTiny (e.g. `toyworld-taesd`, distilled for `toyworld-ldm`), or None."""
+    path = _SHIPPED_MODELS / name
+    return path if "/" not in name and (path / "config.json").is_file() else None
+
+
+def shipped_models() -> list[str]:
+    """Names of the shipped diffusers models (`pretrained`) and of the shipped TAESDs (`taesd_model`)."""
+    if not _SHIPPED_MODELS.is_dir():
+        return []
+    return sorted(p.name for p in _SHIPPED_MODELS.iterdir() if (p / "model_index.json").is_file())
+
+
 def _resolve_taesd(name: str) -> Path | None:
-    """A local AutoencoderTiny folder for `name`, or None for a hub id."""
+    """A local (or shipped) AutoencoderTiny folder for `name`, or None for a hub id."""
+    shipped = shipped_taesd(name)
+    if shipped is not None:
+        return shipped
     path = _local_path(name)
     if path is None:
         return None
     if not path.is_dir():
         raise FileNotFoundError(
             f"taesd_model={name!r} is not a folder. Pass a local AutoencoderTiny folder (with config.json), "
-            f"a hub id like 'madebyollin/taesd', {TINY_RANDOM!r} or {SD14_ARCH!r}"
+            f"a hub id like 'madebyollin/taesd', a shipped one ('toyworld-taesd', for toyworld-ldm), "
+            f"{TINY_RANDOM!r} or {SD14_ARCH!r}"
         )
     if not (path / "config.json").is_file():
         present = sorted(p.name for p in path.iterdir())
@@ -334,6 +351,8 @@ __all__ = [
     "TINY_RANDOM",
     "load_backbone",
     "load_taesd",
+    "shipped_models",
+    "shipped_taesd",
     "ddpm_scheduler",
     "tiny_random_components",
 ]

@@ -29,6 +29,7 @@ from emerdiff_pl.runtime import AUTO_MAX_ROWS_512, auto_branch_rows
 
 FEATURE_LAYER = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
 MODULATED_LAYER = "up_blocks.1.attentions.2.transformer_blocks.0.attn2"
+DECODERS = ("vae", "taesd", "latent")
 
 
 @dataclass
@@ -81,9 +82,12 @@ class EmerDiffSegmenter(L.LightningModule):
             False: one call per step (the measurement before the batched inversion). Same results.
         compile: `torch.compile` the U-Net and the branch decoder (default mode; the batch size turns symbolic
             when it first changes). The first images pay the compilation; `segment(naive=True)` runs eagerly.
-        decoder: what decodes the branch images into difference maps: the model's `vae`, or `taesd` (a tiny
-            distilled decoder, far cheaper than the VAE's); images are always encoded by the VAE.
-        taesd_model: the AutoencoderTiny of `decoder: taesd`: hub id, local folder, `tiny-random` (random
+        decoder: what turns the branch latents into difference maps: the model's `vae`, `taesd` (a tiny
+            distilled decoder, far cheaper than the VAE's), or `latent` (no decoder: the difference is measured
+            on the latents and upsampled bilinearly to the model input size; the cheapest, the coarsest);
+            images are always encoded by the VAE.
+        taesd_model: the AutoencoderTiny of `decoder: taesd`: hub id (`madebyollin/taesd` for SD 1.x/2.x),
+            local folder, a shipped one (`toyworld-taesd`, distilled for `toyworld-ldm`), `tiny-random` (random
             weights, fits the backbone's latents) or `sd14-arch` (full size, random weights; benchmarks only).
         refine: a training-free refiner of the score maps before the argmax, guided by the image
             (emerdiff_pl.refine): `none`, `guided` (guided filter), `bilateral` (joint bilateral), `pamr`.
@@ -122,7 +126,7 @@ class EmerDiffSegmenter(L.LightningModule):
         prefix_sharing: bool = True,
         batched_reference: bool = True,
         compile: bool = False,
-        decoder: Literal["vae", "taesd"] = "vae",
+        decoder: Literal["vae", "taesd", "latent"] = "vae",
         taesd_model: str = "madebyollin/taesd",
         refine: Literal["none", "guided", "bilateral", "pamr"] = "none",
         refine_iterations: int = 10,
@@ -136,8 +140,8 @@ class EmerDiffSegmenter(L.LightningModule):
             raise ValueError(f"method must be emerdiff or lowres_bilinear, got {method!r}")
         if difference not in ("two_sided", "one_sided"):
             raise ValueError(f"difference must be two_sided or one_sided, got {difference!r}")
-        if decoder not in ("vae", "taesd"):
-            raise ValueError(f"decoder must be vae or taesd, got {decoder!r}")
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be vae, taesd or latent, got {decoder!r}")
         if group_norm_kernel not in ("auto", "triton", "torch"):
             raise ValueError(f"group_norm_kernel must be auto, triton or torch, got {group_norm_kernel!r}")
         if num_masks < 1 or resolution < 8:
@@ -179,7 +183,8 @@ class EmerDiffSegmenter(L.LightningModule):
         if hp.compile:
             # the branch decoder too: 2K decodes per image, as memory-bound in eager mode as the U-Net
             # (BENCHMARKS.md)
-            runtime.compile_modules((self.unet, (self.taesd or backbone.vae).decoder))
+            decoders = () if hp.decoder == "latent" else ((self.taesd or backbone.vae).decoder,)
+            runtime.compile_modules((self.unet, *decoders))
         elif hp.method == "emerdiff" and hp.prefix_sharing:
             # eager only: compiled, the t_m call would need a second graph for ≈ 3 % of the U-Net FLOPs
             self.prefix = PrefixSharing(self.unet, self.controller)
@@ -280,7 +285,13 @@ class EmerDiffSegmenter(L.LightningModule):
         return self.vae.encode(x).latent_dist.mean.float() * self.vae.config.scaling_factor
 
     def decode(self, latents: Tensor, chunk: int) -> Tensor:
-        """Latents → RGB in [-1, 1] (float32) with the configured decoder, decoded `chunk` at a time."""
+        """Latents → RGB in [-1, 1] (float32) with the configured decoder, decoded `chunk` at a time.
+
+        `decoder: latent` decodes nothing: the latents themselves, upsampled bilinearly to the model input size,
+        stand in for the image, so a difference map is ‖Δz‖ over the latent channels."""
+        if self.hparams.decoder == "latent":
+            factor = latent_scale_factor(self.vae)
+            return F.interpolate(latents.float(), scale_factor=factor, mode="bilinear", align_corners=False)
         # diffusers' convention for both decoders: decode(latents / config.scaling_factor). TAESD was
         # distilled on the U-Net's latents (SD VAE latents × 0.18215) and its config says scaling_factor 1.0,
         # so it gets them as they are. Both return unclamped [-1, 1] images (TAESD maps its [0, 1] by 2x − 1).
@@ -493,6 +504,7 @@ class EmerDiffSegmenter(L.LightningModule):
 
 __all__ = [
     "AUTO_MAX_ROWS_512",
+    "DECODERS",
     "EmerDiffSegmenter",
     "FEATURE_LAYER",
     "MODULATED_LAYER",

@@ -314,7 +314,9 @@ def check_model(model: dict[str, Any]) -> None:
             )
     if model.get("decoder") == "taesd":
         taesd = str(model.get("taesd_model"))
-        if taesd not in (TINY_RANDOM, SD14_ARCH):
+        from emerdiff_pl.backbone import shipped_taesd
+
+        if taesd not in (TINY_RANDOM, SD14_ARCH) and shipped_taesd(taesd) is None:
             path = Path(taesd).expanduser()
             if path.exists() or taesd.count("/") != 1:
                 if not (path / "config.json").is_file():

@@ -240,3 +240,33 @@ def test_two_process_ddp_covers_every_key_once_and_disjointly(tmp_path: Path, fa
     assert sorted(s["rank"] for s in result["summaries"]) == [0, 1]
     assert len({s["run_id"] for s in result["summaries"]}) == 1  # one run id for the whole DDP job
     assert all(s["status"] == "finished" for s in result["summaries"]) and result["temp"] == []
+
+
+# the knobs a `-fast` preset may change (benchmarks/toyworld/frontier.py measures each)
+FAST_KNOBS = {
+    "difference",
+    "steps_after_modulation",
+    "decoder",
+    "taesd_model",
+    "num_masks",
+    "modulation_timestep",
+}
+
+
+def test_fast_presets_change_only_the_fast_knobs_of_their_base_config():
+    fast = sorted((REPO / "configs").glob("*-fast.yaml"))
+    assert {p.name for p in fast} >= {"toyworld-fast.yaml", "sd14-fast.yaml"}
+    for path in fast:
+        preset = yaml.safe_load(path.read_text())
+        base = yaml.safe_load((path.parent / path.name.replace("-fast", "")).read_text())
+        changed = {
+            k
+            for k in preset["model"].keys() | base["model"].keys()
+            if preset["model"].get(k) != base["model"].get(k)
+        }
+        assert changed and changed <= FAST_KNOBS, (path.name, changed - FAST_KNOBS)
+        assert preset["model"]["difference"] == "one_sided"  # the frontier's largest single saving
+        assert preset["writer"].pop("output_dir") != base["writer"].pop("output_dir")
+        assert {k: v for k, v in preset.items() if k != "model"} == {
+            k: v for k, v in base.items() if k != "model"
+        }

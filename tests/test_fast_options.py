@@ -1,4 +1,5 @@
-"""Throughput options of EmerDiffSegmenter (channels_last, compile, decoder: taesd) on tiny-random weights."""
+"""Throughput options of EmerDiffSegmenter (channels_last, compile, decoder: taesd | latent) on tiny-random weights,
+and the shipped toy-model TAESD."""
 
 import os
 
@@ -40,8 +41,10 @@ def test_taesd_decodes_the_unet_latents_unscaled():
 
 
 @pytest.mark.parametrize("difference", ["two_sided", "one_sided"])
-def test_taesd_labels_agree_between_naive_and_fast_paths(vae_labels, difference):
-    model = EmerDiffSegmenter(**FAST, **TAESD, difference=difference)
+@pytest.mark.parametrize(("decoder", "min_changed"), [("taesd", 0.01), ("latent", 0.001)])
+def test_branch_decoders_agree_between_naive_and_fast_paths(vae_labels, difference, decoder, min_changed):
+    options = TAESD if decoder == "taesd" else {"decoder": "latent"}
+    model = EmerDiffSegmenter(**FAST, **options, difference=difference)
     images = smooth_images(1, seed=1)
     fast = model.segment(images)
     naive = model.segment(images, naive=True)
@@ -49,10 +52,10 @@ def test_taesd_labels_agree_between_naive_and_fast_paths(vae_labels, difference)
     # Equal up to float rounding (batched vs one-at-a-time convolutions differ by ~4e-7): here one pixel
     # of 4096 has its two best masks 5e-8 apart and flips. A wrong row → mask mapping disagrees widely.
     assert (fast.labels == naive.labels).float().mean().item() >= 0.999
-    # the reference pass does not decode: same low-res masks as with the VAE, different labels (random TAESD)
+    # the reference pass does not decode: same low-res masks as with the VAE, different labels (another decoder)
     lowres, labels = vae_labels
     assert torch.equal(fast.lowres_labels, lowres)
-    assert (fast.labels != labels).float().mean().item() > 0.01
+    assert (fast.labels != labels).float().mean().item() > min_changed
     assert set(fast.labels.unique().tolist()) == {0, 1, 2}
 
 
@@ -90,7 +93,7 @@ def test_bad_decoder_settings_are_clear_errors(tmp_path):
         ValueError, match=r"upsampling ×8, but the backbone's VAE has 4-channel latents at ×2"
     ):
         EmerDiffSegmenter(**FAST, decoder="taesd", taesd_model="sd14-arch").configure_model()
-    with pytest.raises(ValueError, match="decoder must be vae or taesd"):
+    with pytest.raises(ValueError, match="decoder must be vae, taesd or latent"):
         EmerDiffSegmenter(**FAST, decoder="tiny")
 
 
@@ -127,3 +130,83 @@ def test_auto_branch_rows_caps_at_saturation_and_fits_free_memory():
     assert auto_branch_rows(12.5e9, 512) == 7  # 70 % of 12.5 GB at 1.2 GB per bf16 row
     assert auto_branch_rows(12.5e9, 512, itemsize=4) == 3  # float32 rows cost twice as much
     assert auto_branch_rows(1e9, 512) == 2  # never below one mask's two signs
+
+
+# ---- decoder: latent ------------------------------------------------------------------------------------------
+LATENT = dict(decoder="latent")
+
+
+def test_latent_decoder_is_the_latents_upsampled_bilinearly():
+    model = EmerDiffSegmenter(**FAST, **LATENT)
+    model.configure_model()
+    z = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = model.decode(z, chunk=1)
+    assert out.shape == (2, 4, 64, 64)  # the tiny-random VAE's ×2, the latent channels kept
+    # interior pixel (1, 1) of the ×2 bilinear grid (align_corners False): 9/16, 3/16, 3/16, 1/16 of its latents
+    want = (9 * z[..., 0, 0] + 3 * z[..., 0, 1] + 3 * z[..., 1, 0] + z[..., 1, 1]) / 16
+    torch.testing.assert_close(out[..., 1, 1], want)
+    torch.testing.assert_close(out, torch.nn.functional.interpolate(z, scale_factor=2, mode="bilinear"))
+
+
+def test_latent_decoder_maps_are_the_latent_difference_norms():
+    """With σ 0 the two-sided map of a mask is ‖up(z⁻) − up(z⁺)‖ over the latent channels, computed here from
+    the branch latents the fast path ends at."""
+    model = EmerDiffSegmenter(**{**FAST, "gaussian_sigma": 0.0}, **LATENT)
+    images = smooth_images(1, seed=1)
+    model.segment(images)  # load
+    seen = []
+    decode = model.decode
+    model.decode = lambda z, chunk: seen.append(z.clone()) or decode(z, chunk)
+    x0 = model.encode(images)
+    trajectory, features = model.reference_pass(x0, [0], "qk")
+    lowres, _ = model.lowres_masks(features, [0], tuple(x0.shape[-2:]))
+    maps = model.difference_maps(trajectory, lowres)
+    z = torch.cat(seen)
+    up = torch.nn.functional.interpolate(z, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(maps[0], (up[0::2] - up[1::2]).norm(dim=1))
+
+
+# ---- the shipped TAESD of the toy model -----------------------------------------------------------------------
+TOY = os.path.join(os.path.dirname(__file__), "..", "emerdiff_pl", "assets")
+needs_toy_taesd = pytest.mark.skipif(
+    not os.path.exists(os.path.join(TOY, "toyworld-taesd", "config.json")),
+    reason="toyworld-taesd not distilled",
+)
+
+
+@needs_toy_taesd
+def test_shipped_toy_taesd_loads_by_name_and_matches_the_toy_vae():
+    """`taesd_model: toyworld-taesd` loads the distilled decoder; on held-out scenes it reproduces the toy VAE's
+    decode (PSNR ≥ 20 dB, images in [-1, 1]) where a random one of the same shape does not (< 12 dB)."""
+    import numpy as np
+    from diffusers import AutoencoderKL
+
+    from emerdiff_pl.datasets import toyworld
+
+    vae = AutoencoderKL.from_pretrained(os.path.join(TOY, "toyworld-ldm", "vae")).eval()
+    taesd = load_taesd("toyworld-taesd", vae)
+    scenes = np.stack([s.image for s in toyworld.generate_scenes(4, 4242, 128)])
+    x = torch.from_numpy(scenes).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        teacher = vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1)
+        student = taesd.decode(z).sample.clamp(-1, 1)
+        random = tiny_random_taesd(vae).decode(z).sample.clamp(-1, 1)
+
+    def psnr(a):
+        return 10 * torch.log10(4 / ((a - teacher) ** 2).mean()).item()
+
+    assert psnr(student) >= 20.0, psnr(student)
+    assert psnr(random) < 12.0, psnr(random)
+
+
+@needs_toy_taesd
+def test_shipped_toy_taesd_passes_the_config_checks():
+    from emerdiff_pl.validation import check_model
+
+    base = {"pretrained": "toyworld-ldm", "resolution": 128, "decoder": "taesd"}
+    check_model({**base, "taesd_model": "toyworld-taesd"})  # no error
+    from emerdiff_pl.validation import UserError
+
+    with pytest.raises(UserError, match="not an AutoencoderTiny folder"):
+        check_model({**base, "taesd_model": "toyworld-no-such-taesd"})
