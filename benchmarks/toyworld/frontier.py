@@ -89,6 +89,12 @@ def point_args(name: str) -> tuple[str, dict[str, Any], dict[str, Any], str]:
     return base, model_args, refine_args, refiner
 
 
+def setting_key(name: str) -> str:
+    """The segmenter setting a point runs (points that differ only in the refiner share it)."""
+    base, model_args, _, _ = point_args(name)
+    return json.dumps([base, model_args], sort_keys=True)
+
+
 def matched_agreement(a: list[np.ndarray], b: list[np.ndarray], n: int) -> float:
     """Fraction of pixels where label maps `a` and `b` (ids < n) agree after the best one-to-one id matching."""
     from scipy.optimize import linear_sum_assignment
@@ -127,7 +133,7 @@ def time_points(args, names: list[str], images: np.ndarray) -> dict[str, float]:
     segmenters = {}
     for name in names:
         base, model_args, _, _ = point_args(name)
-        key = json.dumps([base, model_args], sort_keys=True)
+        key = setting_key(name)
         if key not in segmenters:
             seg = evaluate._capturing_segmenter(pretrained=args.pretrained, method=base, **model_args)
             seg.segment(x[:1], seeds=seeds[:1])  # load + warm up
@@ -138,10 +144,8 @@ def time_points(args, names: list[str], images: np.ndarray) -> dict[str, float]:
             start = time.perf_counter()
             seg.segment(x, seeds=seeds)
             segment_s = time.perf_counter() - start
-            for name in names:
-                base, model_args, refine_args, refiner = point_args(name)
-                if json.dumps([base, model_args], sort_keys=True) != key:
-                    continue
+            for name in (n for n in names if setting_key(n) == key):
+                _, _, refine_args, refiner = point_args(name)
                 start = time.perf_counter()
                 refine(seg.captured_scores, x, refiner, **refine_args).argmax(1)
                 seconds = (segment_s + time.perf_counter() - start) / len(x)
@@ -189,7 +193,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # the default last: evaluate.py runs over the same scenes often label it into the same cache meanwhile
     for name in sorted(names, key=lambda n: n == "default"):
         base, model_args, refine_args, refiner = point_args(name)
-        key = json.dumps([base, model_args], sort_keys=True)
+        key = setting_key(name)
         if key not in labelled:
             labelled[key] = evaluate.label_scenes(args, base, model_args, images)
         out = labelled[key]
