@@ -27,7 +27,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "label images (WebDataset shards or a folder) into a pseudo-label shard set",
     ),
     "demo": ("emerdiff_pl.commands.demo", "label a few generated images end to end and show the result"),
-    "relabel": ("emerdiff_pl.relabel", "map per-image masks to dataset-wide classes via their embeddings"),
+    "relabel": (
+        "emerdiff_pl.commands.relabel",
+        "map per-image masks to dataset-wide classes via their embeddings",
+    ),
     "evaluate": (
         "emerdiff_pl.commands.evaluate",
         "score pseudo-labels against ground-truth shards (Hungarian mIoU)",

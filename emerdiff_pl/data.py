@@ -139,7 +139,7 @@ class _Bucket:
     def __init__(self) -> None:
         self.images: list[torch.Tensor] = []
         self.originals: list[torch.Tensor] = []
-        self.encoded: list[bytes | None] = []  # the input file's bytes, for writer.include_image
+        self.encoded: list[bytes | None] = []  # the input file's bytes (keep_bytes), for writer.include_image
         self.keys: list[str] = []
         self.source_keys: list[str] = []
         self.urls: list[str] = []
@@ -152,8 +152,16 @@ class _Batcher:
     gives several); a bucket is flushed when it holds ``batch_size`` samples, and every bucket at the end of
     the input (:meth:`flush_all`). Failures and skip counts ride on the next batch flushed."""
 
-    def __init__(self, batch_size: int, resolution: int, resize: str = "square", multiple: int = 64):
+    def __init__(
+        self,
+        batch_size: int,
+        resolution: int,
+        resize: str = "square",
+        multiple: int = 64,
+        keep_bytes: bool = False,
+    ):
         self.batch_size = batch_size
+        self.keep_bytes = keep_bytes
         self.resolution = resolution
         self.resize = resize
         self.multiple = multiple
@@ -173,7 +181,7 @@ class _Batcher:
         bucket = self.buckets.setdefault(shape, _Bucket())
         bucket.images.append(image)
         bucket.originals.append(torch.from_numpy(rgb))
-        bucket.encoded.append(encoded)
+        bucket.encoded.append(encoded if self.keep_bytes else None)
         bucket.keys.append(key)
         bucket.source_keys.append(source_key)
         bucket.urls.append(url)
@@ -249,6 +257,7 @@ class ImageStream(IterableDataset):
         failed_keys: frozenset[str] = frozenset(),
         resize: str = "square",
         resize_multiple: int = 64,
+        keep_bytes: bool = False,
     ):
         super().__init__()
         if kind not in ("shards", "folder"):
@@ -264,6 +273,7 @@ class ImageStream(IterableDataset):
         self.world_size = world_size
         self.resize = resize
         self.resize_multiple = resize_multiple
+        self.keep_bytes = keep_bytes
 
     def my_units(self, worker: int = 0, num_workers: int = 1) -> list[Any]:
         return deal(deal(self.units, self.rank, self.world_size), worker, num_workers)
@@ -271,7 +281,9 @@ class ImageStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         units = self.my_units(info.id, info.num_workers) if info is not None else self.my_units()
-        batcher = _Batcher(self.batch_size, self.resolution, self.resize, self.resize_multiple)
+        batcher = _Batcher(
+            self.batch_size, self.resolution, self.resize, self.resize_multiple, self.keep_bytes
+        )
         for unit in units:
             samples = self._folder_samples(unit) if self.kind == "folder" else self._shard_samples(unit)
             for key, source_key, url, read, reason, kind in samples:
@@ -354,7 +366,7 @@ class EmerDiffDataModule(pl.LightningDataModule):
             larger images where the memory is there.
         resize: ``keep_aspect`` (area ≈ resolution², the image's aspect ratio up to 4:1, sides rounded to
             ``resize_multiple``; batches group images of one model input shape) or ``square`` (resolution²,
-            squashed). Linked to ``model.resize`` by the CLI, whose default is ``keep_aspect``.
+            squashed). Linked to ``model.resize`` by the CLI; the same default, ``keep_aspect``, either way.
         resize_multiple: ``keep_aspect``'s side step (64 for SD: latent ÷ 8, coarsest U-Net grid whole);
             linked to ``model.resize_multiple``.
     """
@@ -369,7 +381,7 @@ class EmerDiffDataModule(pl.LightningDataModule):
         array_index: int | None = None,
         array_count: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
-        resize: str = "square",
+        resize: str = "keep_aspect",
         resize_multiple: int = 64,
     ):
         super().__init__()
@@ -401,6 +413,9 @@ class EmerDiffDataModule(pl.LightningDataModule):
         self.resize_multiple = resize_multiple
         self.done_keys: frozenset[str] = frozenset()
         self.failed_keys: frozenset[str] = frozenset()
+        # batches carry each input's encoded bytes ("original_bytes") only when asked, as the writer does for
+        # writer.include_image (set_keep_bytes); otherwise None, sparing the worker → main process copy
+        self.keep_bytes = False
         self._all_units: list[Any] | None = None
 
     @property
@@ -433,6 +448,11 @@ class EmerDiffDataModule(pl.LightningDataModule):
         self.done_keys = frozenset(keys)
         self.failed_keys = frozenset(failed) - self.done_keys
 
+    def set_keep_bytes(self, keep: bool) -> None:
+        """Whether batches carry the inputs' encoded bytes (``original_bytes``; None per sample otherwise). The
+        writer turns it on for ``writer.include_image``, which stores JPEG / PNG inputs byte for byte."""
+        self.keep_bytes = bool(keep)
+
     def _rank(self) -> tuple[int, int]:
         if self.trainer is None:
             return 0, 1
@@ -453,6 +473,7 @@ class EmerDiffDataModule(pl.LightningDataModule):
             failed_keys=self.failed_keys,
             resize=self.resize,
             resize_multiple=self.resize_multiple,
+            keep_bytes=self.keep_bytes,
         )
         mine = len(deal(units, rank, world_size))
         workers = min(self.num_workers, mine)

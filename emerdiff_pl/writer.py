@@ -281,6 +281,8 @@ class PseudoLabelWriter(BasePredictionWriter):
         done = state.keys()
         failed = set() if self.retry_failures else failed_keys(self.output_dir) - done
         datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "set_keep_bytes"):
+            datamodule.set_keep_bytes(self.include_image)  # the input's own bytes, for include_image only
         if datamodule is not None and hasattr(datamodule, "set_done_keys"):
             datamodule.set_done_keys(done, failed)
         elif done:

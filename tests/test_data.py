@@ -121,7 +121,12 @@ def test_done_keys_are_skipped_and_counted(tmp_path: Path):
 
 def test_bad_inputs_are_failures_and_good_ones_keep_their_size(mixed_shards: dict):
     dm = EmerDiffDataModule(
-        urls=mixed_shards["urls"], resolution=16, batch_size=3, num_workers=0, max_pixels=MIXED_MAX_PIXELS
+        urls=mixed_shards["urls"],
+        resolution=16,
+        batch_size=3,
+        num_workers=0,
+        max_pixels=MIXED_MAX_PIXELS,
+        resize="square",  # one model input shape for every image (keep_aspect buckets: tests/test_aspect.py)
     )
     sizes: dict[str, tuple[int, int]] = {}
     failures = []

@@ -215,8 +215,11 @@ print("HEAVY=" + ",".join(heavy))
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["show", "--help"], ["convert", "--help"], ["demo", "--help"]])
-def test_help_and_light_subcommands_import_no_torch(argv: list[str]):
+@pytest.mark.parametrize(
+    "command", ["", "show", "convert", "demo", "relabel", "evaluate", "export", "merge-manifests"]
+)
+def test_help_and_light_subcommands_import_no_torch(command: str):
+    argv = [command, "--help"] if command else ["--help"]
     result = run([sys.executable, "-c", _PROBE.format(argv=argv)])
     assert "HEAVY=\n" in result.stdout, result.stdout[-500:]
 

@@ -78,6 +78,35 @@ def test_include_image_is_off_by_default(tmp_path: Path, varied_inputs: dict):
         next(iter(PseudoLabelDataset(str(out))))
 
 
+class _BytesSpy(pl.Callback):
+    """Records the ``original_bytes`` of every batch the model receives."""
+
+    def __init__(self) -> None:
+        self.seen: list = []
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.seen += list(batch["original_bytes"])
+
+
+@pytest.mark.parametrize("include_image", [False, True])
+def test_input_bytes_travel_in_batches_only_when_the_writer_stores_images(
+    tmp_path: Path, varied_inputs: dict, include_image: bool
+):
+    datamodule = EmerDiffDataModule(urls=varied_inputs["shard"], resolution=32, batch_size=2, num_workers=0)
+    assert datamodule.keep_bytes is False  # a DataModule on its own carries no bytes
+    spy = _BytesSpy()
+    writer = PseudoLabelWriter(str(tmp_path / "out"), include_image=include_image)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, callbacks=[writer, spy]
+    )
+    trainer.predict(ColourQuantizer(), datamodule=datamodule, return_predictions=False)
+    assert len(spy.seen) == len(varied_inputs["inputs"])
+    if include_image:
+        assert sorted(spy.seen) == sorted(data for _, data in varied_inputs["inputs"].values())
+    else:
+        assert spy.seen == [None] * len(spy.seen)
+
+
 @pytest.fixture
 def toy(tmp_path: Path) -> dict:
     """Toy-world scene shards (``<key>.png`` + ``gt.png``) and their pseudo-labels written without images."""

@@ -10,7 +10,7 @@ import pytest
 from conftest import MIXED_MAX_PIXELS, ColourQuantizer, make_shards, read_output
 
 from emerdiff_pl.commands.merge import main as merge_main
-from emerdiff_pl.data import EmerDiffDataModule
+from emerdiff_pl.data import EmerDiffDataModule, model_input_size
 from emerdiff_pl.manifest import SHARD_PATTERN, finished_keys, merge
 from emerdiff_pl.writer import PseudoLabelWriter
 
@@ -43,7 +43,8 @@ def test_every_good_key_is_written_once_with_labels_at_original_size(tmp_path: P
         key = sample["__key__"]
         assert sample["seg.png"].shape == mixed_shards["good"][key] and sample["seg.png"].dtype == np.uint8
         assert sample["seg.png"].max() < 5
-        assert sample["lowres.png"].shape == (4, 4)  # 32 / 8
+        model_h, model_w = model_input_size(*mixed_shards["good"][key], 32, "keep_aspect", 64)
+        assert sample["lowres.png"].shape == (model_h // 8, model_w // 8)  # the DataModule's default resize
         assert sample["emb.npy"].shape == (5, 3) and sample["emb.npy"].dtype == np.float16
         meta = sample["json"]
         assert meta["original_size"] == list(mixed_shards["good"][key])

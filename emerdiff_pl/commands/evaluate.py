@@ -15,21 +15,16 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torchmetrics import Metric
 
-from emerdiff_pl.metrics import (
-    BoundaryFScore,
-    ConceptIoU,
-    GlobalHungarianIoU,
-    PerImageHungarianIoU,
-    _as_numpy,
-    short_side_center_crop,
-)
 from emerdiff_pl.shardio import ShardIndex, iter_samples, resize_labels_nearest
+
+if TYPE_CHECKING:
+    from torchmetrics import Metric
+
+    from emerdiff_pl.metrics import BoundaryFScore
 
 EMB_FIELD = "emb.npy"
 
@@ -217,7 +212,17 @@ def _check_concept_input(meta: Any, key: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``evaluate`` subcommand; returns the exit code."""
     args = build_parser().parse_args(argv)
+    import torch  # here, not at the top: `evaluate --help` stays instant
     from tqdm import tqdm
+
+    from emerdiff_pl.metrics import (
+        BoundaryFScore,
+        ConceptIoU,
+        GlobalHungarianIoU,
+        PerImageHungarianIoU,
+        _as_numpy,
+        short_side_center_crop,
+    )
 
     pred_field = args.pred_field or "seg.png"
     names = _class_names(args.class_names, args.num_classes)

@@ -1,0 +1,68 @@
+"""``emerdiff-pl relabel``: its options, parsed without importing torch so that ``--help`` is instant; the work
+is :func:`emerdiff_pl.relabel.run`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="emerdiff-pl relabel",
+        description="Cluster the mask embeddings of a whole prediction dataset into C global classes (weighted "
+        "by mask area, seeded k-means) and rewrite every <key>.seg.png / <key>.lowres.png with global ids. "
+        "Output shards keep the input names and keys; DIR also gets centroids.npy and relabel.json.",
+    )
+    parser.add_argument(
+        "--input", required=True, help="prediction shards, e.g. 'preds/shard-{000000..000099}.tar'"
+    )
+    parser.add_argument("--output", required=True, help="output folder (shards, centroids.npy, relabel.json)")
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="number of global classes C (required unless --centroids)",
+    )
+    parser.add_argument(
+        "--centroids",
+        default=None,
+        help="apply saved centroids (a previous run's centroids.npy) instead of fitting new ones; the "
+        "normalisation of that run is read from the relabel.json beside it",
+    )
+    parser.add_argument(
+        "--max-fit-masks",
+        type=int,
+        default=100_000,
+        help="masks sampled (uniformly, seeded) to fit the centroids; all masks are assigned afterwards "
+        "(default 100000; memory ≈ 2·D bytes per mask)",
+    )
+    parser.add_argument(
+        "--n-init", type=int, default=4, help="k-means restarts, the lowest inertia wins (default 4)"
+    )
+    parser.add_argument(
+        "--max-iter", type=int, default=300, help="k-means iterations per restart (default 300)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the sub-sample and of k-means (default 0)"
+    )
+    parser.add_argument(
+        "--normalize",
+        action="store_true",
+        help="L2-normalise embeddings before clustering (cosine k-means); default: raw Euclidean, as per image",
+    )
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 …")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes that rewrite shards in parallel (one input shard each; PNG encoding is the cost of the "
+        "second pass). Default 1: in this process",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from emerdiff_pl.relabel import run
+
+    return run(args)
