@@ -152,16 +152,8 @@ class _Batcher:
     gives several); a bucket is flushed when it holds ``batch_size`` samples, and every bucket at the end of
     the input (:meth:`flush_all`). Failures and skip counts ride on the next batch flushed."""
 
-    def __init__(
-        self,
-        batch_size: int,
-        resolution: int,
-        resize: str = "square",
-        multiple: int = 64,
-        keep_bytes: bool = False,
-    ):
+    def __init__(self, batch_size: int, resolution: int, resize: str = "square", multiple: int = 64):
         self.batch_size = batch_size
-        self.keep_bytes = keep_bytes
         self.resolution = resolution
         self.resize = resize
         self.multiple = multiple
@@ -181,7 +173,7 @@ class _Batcher:
         bucket = self.buckets.setdefault(shape, _Bucket())
         bucket.images.append(image)
         bucket.originals.append(torch.from_numpy(rgb))
-        bucket.encoded.append(encoded if self.keep_bytes else None)
+        bucket.encoded.append(encoded)
         bucket.keys.append(key)
         bucket.source_keys.append(source_key)
         bucket.urls.append(url)
@@ -281,9 +273,7 @@ class ImageStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         units = self.my_units(info.id, info.num_workers) if info is not None else self.my_units()
-        batcher = _Batcher(
-            self.batch_size, self.resolution, self.resize, self.resize_multiple, self.keep_bytes
-        )
+        batcher = _Batcher(self.batch_size, self.resolution, self.resize, self.resize_multiple)
         for unit in units:
             samples = self._folder_samples(unit) if self.kind == "folder" else self._shard_samples(unit)
             for key, source_key, url, read, reason, kind in samples:
@@ -302,7 +292,7 @@ class ImageStream(IterableDataset):
                 except ImageDecodeError as err:
                     batcher.fail(key, url, str(err), source_key)
                     continue
-                batch = batcher.add(key, url, rgb, source_key, encoded)
+                batch = batcher.add(key, url, rgb, source_key, encoded if self.keep_bytes else None)
                 if batch is not None:
                     yield batch
         yield from batcher.flush_all()

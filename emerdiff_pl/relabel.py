@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from emerdiff_pl.commands.relabel import main  # the command's entry point: `relabel.main(argv)` still works
 from emerdiff_pl.shardio import (
     ImageDecodeError,
     TarWriter,
@@ -264,13 +265,6 @@ def _load_centroids(path: str, num_classes: int | None, normalize: bool) -> tupl
             raise ValueError(f"--normalize given, but the centroids of {meta_path} were fitted without it")
         normalize = fitted_normalized
     return centroids, normalize
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``emerdiff-pl relabel`` with ``argv`` (its parser lives in :mod:`emerdiff_pl.commands.relabel`)."""
-    from emerdiff_pl.commands.relabel import build_parser
-
-    return run(build_parser().parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:
