@@ -1,6 +1,7 @@
-"""emerdiff-pl export --format folder: the images/ + labels/ layout read back, and its refusals."""
+"""emerdiff-pl export: the folder layout (images/ + labels/) and the hf dataset read back, and their refusals."""
 
 import json
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -92,3 +93,54 @@ def test_relabel_keeps_included_images_so_export_needs_no_image_shards(shards: d
     scenes = {s["__key__"]: s["png"] for s in iter_samples(shards["scenes"], fields={"png"})}
     for key, image in scenes.items():
         np.testing.assert_array_equal(np.asarray(Image.open(out / "images" / f"{key}.png")), image)
+
+
+def test_folder_export_writes_id2label_and_checks_class_names_before_writing(shards: dict, capsys):
+    out = shards["tmp"] / "export"
+    assert export_main(["--input", shards["rel"], "--images", shards["scenes"][0], "--out", str(out),
+                        "--class-names", "a,b"]) == 2  # fmt: skip
+    assert "gives 2 names but the shards have 3 classes" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+    assert export_main(["--input", shards["rel"], "--images", shards["scenes"][0], "--out", str(out)]) == 0
+    assert json.loads((out / "id2label.json").read_text()) == {"0": "class_0", "1": "class_1", "2": "class_2"}
+
+
+def test_hf_export_loads_back_as_the_relabelled_labels_and_the_images(shards: dict):
+    datasets = pytest.importorskip("datasets")
+    out = shards["tmp"] / "hf"
+    code = cli_main(["export", "--input", shards["rel"], "--images", shards["scenes"][0], "--format", "hf",
+                     "--out", str(out), "--class-names", "a,b,c"])  # fmt: skip
+    assert code == 0
+    relabelled = {s["__key__"]: s["seg.png"] for s in iter_samples(shards["rel"], fields={"seg.png"})}
+    scenes = {s["__key__"]: s["png"] for s in iter_samples(shards["scenes"], fields={"png"})}
+    loaded = datasets.load_from_disk(str(out))
+    assert sorted(loaded.column_names) == ["image", "key", "label"]
+    assert sorted(loaded["key"]) == sorted(relabelled)
+    for row in loaded:
+        np.testing.assert_array_equal(np.asarray(row["label"]), relabelled[row["key"]])
+        np.testing.assert_array_equal(np.asarray(row["image"].convert("RGB")), scenes[row["key"]])
+    assert json.loads((out / "id2label.json").read_text()) == {"0": "a", "1": "b", "2": "c"}
+    record = json.loads((out / "export.json").read_text())
+    assert record["format"] == "hf" and record["samples"] == len(relabelled)
+    # the arrow cache datasets writes while generating is removed, not left beside the export
+    assert sorted(p.name for p in shards["tmp"].iterdir()) == ["hf", "pred", "rel", "scenes"]
+
+
+def test_hf_export_of_shards_that_were_not_relabelled_is_the_same_clear_error(shards: dict, capsys):
+    pytest.importorskip("datasets")
+    out = shards["tmp"] / "hf"
+    code = export_main(["--input", shards["pred"], "--images", shards["scenes"][0], "--format", "hf",
+                        "--out", str(out)])  # fmt: skip
+    assert code == 2
+    assert "is not relabelled" in capsys.readouterr().err
+    assert sorted(p.name for p in shards["tmp"].iterdir()) == ["pred", "rel", "scenes"]
+
+
+def test_hf_export_without_the_datasets_package_says_what_to_install(shards: dict, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets raises ImportError
+    out = shards["tmp"] / "hf"
+    code = export_main(["--input", shards["rel"], "--images", shards["scenes"][0], "--format", "hf",
+                        "--out", str(out)])  # fmt: skip
+    assert code == 2
+    assert "pip install 'emerdiff-pl[hf]'" in capsys.readouterr().err
+    assert not out.exists()

@@ -62,7 +62,12 @@ def predict(
 
     model = EmerDiffSegmenter(**{**settings, "method": method})
     data = EmerDiffDataModule(
-        urls=urls, resolution=settings["resolution"], batch_size=batch_size, num_workers=0
+        urls=urls,
+        resolution=settings["resolution"],
+        resize=settings.get("resize", "keep_aspect"),
+        resize_multiple=settings.get("resize_multiple", 64),
+        batch_size=batch_size,
+        num_workers=0,
     )
     writer = PseudoLabelWriter(str(out), samples_per_shard=10_000)
     trainer = pl.Trainer(

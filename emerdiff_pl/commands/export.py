@@ -1,4 +1,4 @@
-"""``emerdiff-pl export``: relabelled pseudo-label shards as an image/label folder pair that trainers read.
+"""``emerdiff-pl export``: relabelled pseudo-label shards as a training set in a layout trainers read.
 
 ``--format folder`` writes ``images/<key>.png`` (RGB) and ``labels/<key>.png`` (global class ids, 8-bit, or
 16-bit past 255 classes) plus ``classes.txt`` (one name per line, line i = id i) and ``export.json`` (written last:
@@ -7,6 +7,9 @@ its presence marks a complete export). This is mmsegmentation's custom-dataset l
 segmentation trainers' folder loaders read. Only relabelled shards (``emerdiff-pl relabel`` output, marked by the
 ``relabel`` record in each ``<key>.json``) are accepted: raw per-image cluster ids mean different things in
 different images, so they are not a training set.
+
+``--format hf`` writes the same pairs as a Hugging Face ``datasets`` dataset (see :func:`export_hf`). Both
+formats also write ``id2label.json`` (``{"0": name, ...}``, the file transformers' segmentation models read).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,58 +73,152 @@ def _png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+class _Samples:
+    """The relabelled samples of ``input_urls`` (joined with ``images`` by key), checked, with running totals.
+
+    Iterating yields ``(key, image uint8 H×W×3, label int64 H×W)``; ``num_classes``, ``count`` and ``pixels``
+    (per-class pixel counts) describe what was yielded so far. Both formats read through this one loop.
+    """
+
+    def __init__(self, input_urls: str, images: str | None, names: str | None) -> None:
+        from emerdiff_pl.pseudolabels import PseudoLabelDataset
+
+        self.input_urls, self.images, self.names = input_urls, images, names
+        self.classes: list[str] = []
+        self.dataset = PseudoLabelDataset(input_urls, images=images)
+        self.num_classes: int | None = None
+        self.count = 0
+        self.pixels = np.zeros(0, dtype=np.int64)
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        from tqdm import tqdm
+
+        for raw in tqdm(self.dataset.pipeline(), desc="export", unit="img"):
+            key = raw["__key__"]
+            if "json" not in raw:
+                raise NotRelabelledError(f"sample {key!r} has no <key>.json: not emerdiff-pl relabel output")
+            classes = global_classes(json.loads(raw["json"]), key)
+            if self.num_classes is None:
+                # a wrong --class-names fails here, before anything is written
+                self.classes = class_names(self.names, classes)
+                self.num_classes, self.pixels = classes, np.zeros(classes, dtype=np.int64)
+            elif classes != self.num_classes:
+                raise ValueError(
+                    f"sample {key!r} was relabelled into {classes} classes but earlier ones into "
+                    f"{self.num_classes}: the input mixes several relabel runs"
+                )
+            image, label, _ = self.dataset.decode(raw)
+            image, label = image.numpy(), label.numpy()
+            if label.size and int(label.max()) >= classes:
+                raise ValueError(f"sample {key!r}: id {int(label.max())} ≥ the {classes} relabelled classes")
+            self.pixels += np.bincount(label.reshape(-1), minlength=classes)
+            self.count += 1
+            yield key, image, label
+
+    def record(self, fmt: str) -> dict[str, Any]:
+        """The export record (``export.json``) once every sample was yielded; an error if there were none."""
+        if self.count == 0 or self.num_classes is None:
+            raise ValueError(f"no samples in {self.input_urls!r}")
+        return {
+            "format": fmt,
+            "input": self.input_urls,
+            "images": self.images,
+            "samples": self.count,
+            "num_classes": self.num_classes,
+            "classes": self.classes,
+            "pixels_per_class": self.pixels.tolist(),
+            "label_dtype": "uint8" if self.num_classes <= 256 else "uint16",
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+
+def _new_folder(out: str | os.PathLike) -> Path:
+    root = Path(out)
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"--out {str(root)!r} is not empty: export into a new folder")
+    return root
+
+
+def _finish(root: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """``classes.txt`` and ``id2label.json`` (transformers' name for it), then ``export.json`` last."""
+    root.mkdir(parents=True, exist_ok=True)
+    names = record["classes"]
+    (root / "classes.txt").write_text("".join(n + "\n" for n in names), encoding="utf-8")
+    (root / "id2label.json").write_text(json.dumps(dict(enumerate(names)), indent=1), encoding="utf-8")
+    (root / "export.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+    return record
+
+
 def export_folder(
     input_urls: str, out: str | os.PathLike, images: str | None = None, names: str | None = None
 ) -> dict[str, Any]:
     """Write the folder layout of this module's docstring from relabelled shards; returns the export record."""
-    from emerdiff_pl.pseudolabels import PseudoLabelDataset
-
-    root = Path(out)
-    if root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"--out {str(root)!r} is not empty: export into a new folder")
-    dataset = PseudoLabelDataset(input_urls, images=images)
-    num_classes: int | None = None
-    count = 0
-    pixels: np.ndarray | None = None
-    for raw in dataset.pipeline():
-        key = raw["__key__"]
-        if "json" not in raw:
-            raise NotRelabelledError(f"sample {key!r} has no <key>.json: not emerdiff-pl relabel output")
-        classes = global_classes(json.loads(raw["json"]), key)
-        if num_classes is None:
-            num_classes, pixels = classes, np.zeros(classes, dtype=np.int64)
-        elif classes != num_classes:
-            raise ValueError(
-                f"sample {key!r} was relabelled into {classes} classes but earlier ones into {num_classes}: "
-                "the input mixes several relabel runs"
-            )
-        image, label, _ = dataset.decode(raw)
-        label = label.numpy()
-        if label.size and int(label.max()) >= num_classes:
-            raise ValueError(f"sample {key!r}: id {int(label.max())} ≥ the {num_classes} relabelled classes")
-        if count == 0:
-            root.mkdir(parents=True, exist_ok=True)
-        _save_png(root / "images" / f"{key}.png", _png(image.numpy()))
+    root = _new_folder(out)
+    samples = _Samples(input_urls, images, names)
+    for key, image, label in samples:
+        _save_png(root / "images" / f"{key}.png", _png(image))
         _save_png(root / "labels" / f"{key}.png", encode_label_png(label))
-        pixels += np.bincount(label.reshape(-1), minlength=num_classes)
-        count += 1
-    if count == 0 or num_classes is None:
-        raise ValueError(f"no samples in {input_urls!r}")
-    names_list = class_names(names, num_classes)
-    (root / "classes.txt").write_text("".join(n + "\n" for n in names_list), encoding="utf-8")
-    record = {
-        "format": "folder",
-        "input": input_urls,
-        "images": images,
-        "samples": count,
-        "num_classes": num_classes,
-        "classes": names_list,
-        "pixels_per_class": pixels.tolist(),
-        "label_dtype": "uint8" if num_classes <= 256 else "uint16",
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    (root / "export.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
-    return record
+    return _finish(root, samples.record("folder"))
+
+
+def export_hf(
+    input_urls: str, out: str | os.PathLike, images: str | None = None, names: str | None = None
+) -> dict[str, Any]:
+    """A Hugging Face ``datasets`` dataset (``save_to_disk``) with columns ``key``, ``image``, ``label``.
+
+    ``image`` and ``label`` are ``datasets.Image`` features holding PNG bytes (the label PNG carries the global
+    class ids, 8-bit or 16-bit), the layout of the hub's semantic-segmentation sets and the column names
+    transformers' semantic-segmentation example reads; ``id2label.json`` sits beside it. Read it back with
+    ``datasets.load_from_disk(out)``. Needs the optional ``datasets`` package (``pip install "emerdiff-pl[hf]"``).
+    """
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(
+            "--format hf needs the datasets package: pip install 'emerdiff-pl[hf]' (or pip install datasets)"
+        ) from err
+    import tempfile
+
+    root = _new_folder(out)
+    samples = _Samples(input_urls, images, names)
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for key, image, label in samples:
+            yield {
+                "key": key,
+                "image": {"bytes": _png(image), "path": None},
+                "label": {"bytes": encode_label_png(label), "path": None},
+            }
+
+    features = datasets.Features(
+        {"key": datasets.Value("string"), "image": datasets.Image(), "label": datasets.Image()}
+    )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # The arrow cache from_generator writes lives beside the output and goes with it; a given fingerprint keeps
+    # datasets from hashing the generator (it cannot: it closes over the open shards).
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # the export bar counts the same rows
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".{root.name}.", dir=root.parent) as cache:
+            try:
+                dataset = datasets.Dataset.from_generator(
+                    rows, features=features, cache_dir=cache, fingerprint=f"emerdiff-pl-{time.time_ns()}"
+                )
+            except datasets.exceptions.DatasetGenerationError as err:
+                # datasets wraps what the generator raised; the cause is the error that names the bad input
+                if isinstance(err.__cause__, Exception):
+                    raise err.__cause__ from None
+                raise
+            record = samples.record("hf")
+            dataset.save_to_disk(str(root))
+            del dataset  # its arrow files live in the cache folder, removed now
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    return _finish(root, record)
+
+
+EXPORTERS = {"folder": export_folder, "hf": export_hf}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--input", required=True, help="relabelled shards, e.g. 'relabelled/*.tar' or a folder"
     )
-    parser.add_argument("--format", choices=["folder"], default="folder", help="output layout (folder)")
+    parser.add_argument(
+        "--format",
+        choices=sorted(EXPORTERS),
+        default="folder",
+        help="folder (default): images/ + labels/ PNGs; hf: a Hugging Face datasets folder (save_to_disk, "
+        "columns key / image / label; needs pip install 'emerdiff-pl[hf]')",
+    )
     parser.add_argument("--out", required=True, help="a new (or empty) output folder")
     parser.add_argument(
         "--images",
@@ -152,8 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        record = export_folder(args.input, args.out, images=args.images, names=args.class_names)
-    except (NotRelabelledError, FileExistsError, FileNotFoundError, KeyError, ValueError) as err:
+        record = EXPORTERS[args.format](args.input, args.out, images=args.images, names=args.class_names)
+    except (NotRelabelledError, FileExistsError, FileNotFoundError, KeyError, ValueError, ImportError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {message}", file=sys.stderr)
         return 2
