@@ -30,12 +30,17 @@ def predict(output_dir: Path, urls: list[str], include_image: bool) -> None:
 
 @pytest.fixture
 def shards(tmp_path: Path) -> dict:
-    """Toy scenes, their raw pseudo-labels (no images), and those relabelled into 3 global classes."""
+    """Toy scenes, their raw pseudo-labels (no images), and those relabelled into 3 global classes; with the
+    relabelled labels and the scene images by key, what every export must reproduce."""
     scenes = toyworld.write_shards(tmp_path / "scenes", 5, seed=4, size=32, shard_size=5, progress=False)
     predict(tmp_path / "pred", scenes, include_image=False)
-    relabel_main(["--input", str(tmp_path / "pred"), "--output", str(tmp_path / "rel"), "--num-classes", "3",
+    rel = str(tmp_path / "rel")
+    relabel_main(["--input", str(tmp_path / "pred"), "--output", rel, "--num-classes", "3",
                   "--device", "cpu"])  # fmt: skip
-    return {"scenes": scenes, "pred": str(tmp_path / "pred"), "rel": str(tmp_path / "rel"), "tmp": tmp_path}
+    labels = {s["__key__"]: s["seg.png"] for s in iter_samples(rel, fields={"seg.png"})}
+    images = {s["__key__"]: s["png"] for s in iter_samples(scenes, fields={"png"})}
+    return {"scenes": scenes, "pred": str(tmp_path / "pred"), "rel": rel, "tmp": tmp_path, "labels": labels,
+            "images": images}  # fmt: skip
 
 
 def test_folder_export_reads_back_as_the_relabelled_labels_and_the_images(shards: dict):
@@ -43,8 +48,7 @@ def test_folder_export_reads_back_as_the_relabelled_labels_and_the_images(shards
     code = cli_main(["export", "--input", shards["rel"], "--images", shards["scenes"][0], "--format", "folder",
                      "--out", str(out), "--class-names", "a,b,c"])  # fmt: skip
     assert code == 0
-    relabelled = {s["__key__"]: s["seg.png"] for s in iter_samples(shards["rel"], fields={"seg.png"})}
-    scenes = {s["__key__"]: s["png"] for s in iter_samples(shards["scenes"], fields={"png"})}
+    relabelled, scenes = shards["labels"], shards["images"]
     images = sorted(p.relative_to(out / "images").as_posix() for p in (out / "images").rglob("*.png"))
     labels = sorted(p.relative_to(out / "labels").as_posix() for p in (out / "labels").rglob("*.png"))
     assert images == labels == sorted(f"{k}.png" for k in relabelled)
@@ -90,8 +94,7 @@ def test_relabel_keeps_included_images_so_export_needs_no_image_shards(shards: d
                   "--device", "cpu"])  # fmt: skip
     out = tmp / "export"
     assert export_main(["--input", str(tmp / "rel-img"), "--out", str(out)]) == 0
-    scenes = {s["__key__"]: s["png"] for s in iter_samples(shards["scenes"], fields={"png"})}
-    for key, image in scenes.items():
+    for key, image in shards["images"].items():
         np.testing.assert_array_equal(np.asarray(Image.open(out / "images" / f"{key}.png")), image)
 
 
@@ -111,8 +114,7 @@ def test_hf_export_loads_back_as_the_relabelled_labels_and_the_images(shards: di
     code = cli_main(["export", "--input", shards["rel"], "--images", shards["scenes"][0], "--format", "hf",
                      "--out", str(out), "--class-names", "a,b,c"])  # fmt: skip
     assert code == 0
-    relabelled = {s["__key__"]: s["seg.png"] for s in iter_samples(shards["rel"], fields={"seg.png"})}
-    scenes = {s["__key__"]: s["png"] for s in iter_samples(shards["scenes"], fields={"png"})}
+    relabelled, scenes = shards["labels"], shards["images"]
     loaded = datasets.load_from_disk(str(out))
     assert sorted(loaded.column_names) == ["image", "key", "label"]
     assert sorted(loaded["key"]) == sorted(relabelled)

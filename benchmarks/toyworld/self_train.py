@@ -61,13 +61,11 @@ def predict(
     from emerdiff_pl.writer import PseudoLabelWriter
 
     model = EmerDiffSegmenter(**{**settings, "method": method})
+    # data.resize / resize_multiple follow the model's, as the predict CLI links them (the DataModule's
+    # defaults where a config leaves them out)
+    linked = {name: settings[name] for name in ("resize", "resize_multiple") if name in settings}
     data = EmerDiffDataModule(
-        urls=urls,
-        resolution=settings["resolution"],
-        resize=settings.get("resize", "keep_aspect"),
-        resize_multiple=settings.get("resize_multiple", 64),
-        batch_size=batch_size,
-        num_workers=0,
+        urls=urls, resolution=settings["resolution"], batch_size=batch_size, num_workers=0, **linked
     )
     writer = PseudoLabelWriter(str(out), samples_per_shard=10_000)
     trainer = pl.Trainer(
