@@ -89,31 +89,39 @@ def ignore_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-MAX_ASPECT = 4.0  # keep_aspect: model inputs are at most 4:1 (longer images are squashed down to it)
-RESIZE_MODES = ("keep_aspect", "square")
+MAX_ASPECT = 4.0  # keep_aspect / short_side: model inputs are at most 4:1 (longer images are squashed to it)
+RESIZE_MODES = ("keep_aspect", "short_side", "square")
 
 
 def size_unit(resolution: int, multiple: int) -> int:
-    """The step of the model input's sides under ``keep_aspect``: ``multiple``, or for a resolution below it
-    gcd(resolution, multiple), so that a square image keeps today's resolution × resolution."""
+    """The step of the model input's sides under ``keep_aspect`` and ``short_side``: ``multiple``, or for a
+    resolution below it gcd(resolution, multiple), so that a square image keeps today's resolution²."""
     return multiple if resolution >= multiple else math.gcd(resolution, multiple)
 
 
 def model_input_size(
     height: int, width: int, resolution: int, resize: str = "square", multiple: int = 64
 ) -> tuple[int, int]:
-    """(h, w) the model sees for an H×W image: ``square`` → resolution², ``keep_aspect`` → area ≈ resolution²
-    at the image's aspect ratio (clamped to 1:4 … 4:1), each side rounded to a multiple of :func:`size_unit`
-    (at least one): the latent divides by the VAE factor and the coarsest U-Net grid stays whole."""
+    """(h, w) the model sees for an H×W image at the image's aspect ratio (clamped to 1:4 … 4:1):
+
+    - ``square`` → resolution², squashed;
+    - ``keep_aspect`` → area ≈ resolution² (the cost of a square image whatever the aspect);
+    - ``short_side`` → short side ≈ resolution (the scale of a square image; up to 4× its area at 4:1).
+
+    Each side is rounded to a multiple of :func:`size_unit` (at least one): the latent divides by the VAE
+    factor and the coarsest U-Net grid stays whole."""
     if resize == "square":
         return resolution, resolution
-    if resize != "keep_aspect":
+    if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {height}×{width}")
     unit = size_unit(resolution, multiple)
     aspect = min(MAX_ASPECT, max(1.0 / MAX_ASPECT, width / height))
-    exact_h, exact_w = resolution / math.sqrt(aspect), resolution * math.sqrt(aspect)
+    if resize == "keep_aspect":
+        exact_h, exact_w = resolution / math.sqrt(aspect), resolution * math.sqrt(aspect)
+    else:
+        exact_h, exact_w = resolution / min(aspect, 1.0), resolution * max(aspect, 1.0)
     return max(unit, round(exact_h / unit) * unit), max(unit, round(exact_w / unit) * unit)
 
 
@@ -121,7 +129,7 @@ def resize_for_model(
     rgb: np.ndarray, resolution: int, resize: str = "square", multiple: int = 64
 ) -> torch.Tensor:
     """H×W×3 uint8 → 3×h×w float32 in [0, 1] at :func:`model_input_size` (bilinear with antialias; ``square``
-    does not keep the aspect ratio, ``keep_aspect`` does up to 4:1)."""
+    does not keep the aspect ratio, ``keep_aspect`` and ``short_side`` do up to 4:1)."""
     size = model_input_size(rgb.shape[0], rgb.shape[1], resolution, resize, multiple)
     image = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
     image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)
@@ -149,7 +157,7 @@ class _Batcher:
     """Collects decoded samples, failures and skip counts into the batch dict of docs/interfaces.md.
 
     Images of one batch share a shape, so samples wait in one bucket per model input shape (``keep_aspect``
-    gives several); a bucket is flushed when it holds ``batch_size`` samples, and every bucket at the end of
+    and ``short_side`` give several); a bucket is flushed when it holds ``batch_size`` samples, and every bucket at the end of
     the input (:meth:`flush_all`). Failures and skip counts ride on the next batch flushed."""
 
     def __init__(self, batch_size: int, resolution: int, resize: str = "square", multiple: int = 64):
@@ -343,8 +351,8 @@ class EmerDiffDataModule(pl.LightningDataModule):
         folder: A directory of images (recursive; jpg, jpeg, png, webp, bmp, tif, tiff; other files are recorded
             as failures). Keys come from each file's relative path alone, extension included (``sub/a.jpg`` →
             ``sub/a_jpg``; see ``shardio.file_key``). Give urls or folder.
-        resolution: Side of the square model input (``square``), or the side of a square of the same area
-            (``keep_aspect``); linked to ``model.resolution`` by the CLI.
+        resolution: Side of the square model input (``square``), the side of a square of the same area
+            (``keep_aspect``), or the short side (``short_side``); linked to ``model.resolution`` by the CLI.
         batch_size: Images per ``predict_step`` call.
         num_workers: Dataloader worker processes per rank (decoding and resizing happen there).
         array_index: This task's index in a job array (default: from ``SLURM_ARRAY_TASK_ID``, else 0).
@@ -355,10 +363,12 @@ class EmerDiffDataModule(pl.LightningDataModule):
             labels at the limit, more with overlays and batches in flight; BENCHMARKS.md); raise it for genuine
             larger images where the memory is there.
         resize: ``keep_aspect`` (area ≈ resolution², the image's aspect ratio up to 4:1, sides rounded to
-            ``resize_multiple``; batches group images of one model input shape) or ``square`` (resolution²,
-            squashed). Linked to ``model.resize`` by the CLI; the same default, ``keep_aspect``, either way.
-        resize_multiple: ``keep_aspect``'s side step (64 for SD: latent ÷ 8, coarsest U-Net grid whole);
-            linked to ``model.resize_multiple``.
+            ``resize_multiple``; batches group images of one model input shape), ``short_side`` (the same, with
+            the short side ≈ resolution: the scale of a square image, up to 4× its pixels) or ``square``
+            (resolution², squashed). Linked to ``model.resize`` by the CLI; the same default, ``keep_aspect``,
+            either way.
+        resize_multiple: The side step of ``keep_aspect`` and ``short_side`` (64 for SD: latent ÷ 8, coarsest
+            U-Net grid whole); linked to ``model.resize_multiple``.
     """
 
     def __init__(

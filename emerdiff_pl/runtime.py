@@ -36,7 +36,7 @@ def compute_dtype(
 def auto_branch_rows(free_bytes: int, resolution: int | tuple[int, int], itemsize: int = 2) -> int:
     """`max_branch_batch: auto` on CUDA: branch rows per U-Net call from free device memory.
 
-    `resolution`: the side of the square model input, or its (h, w) (keep_aspect inputs).
+    `resolution`: the side of the square model input, or its (h, w) (keep_aspect, short_side inputs).
     At most 16 rows at 512² (scaled by area): an H200 gives the same rows/s at 16, 24 and 40 rows while peak
     memory grows 6.9 → 12.5 GB (BENCHMARKS.md). The memory bound keeps a conservative 1.2 GB per 512² row in
     bf16 within 70 % of free memory (measured: ≈ 0.3 GB); a CUDA OOM still halves the chunk and retries.

@@ -47,11 +47,12 @@ class EmerDiffSegmenter(L.LightningModule):
         pretrained: hub id, local diffusers folder, shipped model name (`toyworld-ldm`) or `tiny-random`.
         method: `emerdiff`, or `lowres_bilinear` — the same low-res masks upsampled bilinearly (the paper's baseline).
         resolution: side of the square the image is resized to for the model (SD 1.x: 512); under
-            `keep_aspect` the side of a square of the model input's area.
+            `keep_aspect` the side of a square of the model input's area, under `short_side` its short side.
         resize: `keep_aspect` (area ≈ resolution² at the image's aspect ratio, up to 4:1, each side a multiple
-            of `resize_multiple`) or `square` (resolution², squashed: the paper's setting). data.resize follows it.
-        resize_multiple: `keep_aspect`'s side step: a multiple of the VAE factor × the U-Net's total
-            downsampling (SD: 8 × 8 = 64; checked when the model loads).
+            of `resize_multiple`), `short_side` (the same with short side ≈ resolution: a square image's scale,
+            up to 4× its pixels) or `square` (resolution², squashed: the paper's setting). data.resize follows it.
+        resize_multiple: the side step of `keep_aspect` and `short_side`: a multiple of the VAE factor × the
+            U-Net's total downsampling (SD: 8 × 8 = 64; checked when the model loads).
         num_masks: K, clusters of the feature layer's query vectors.
         num_inference_steps: length of the DDPM schedule the timesteps below live on (50 → {981, …, 21, 1}).
         feature_timestep: t_f, where the query vectors are read.
@@ -102,7 +103,7 @@ class EmerDiffSegmenter(L.LightningModule):
         pretrained: str = "CompVis/stable-diffusion-v1-4",
         method: Literal["emerdiff", "lowres_bilinear"] = "emerdiff",
         resolution: int = 512,
-        resize: Literal["keep_aspect", "square"] = "keep_aspect",
+        resize: Literal["keep_aspect", "short_side", "square"] = "keep_aspect",
         resize_multiple: int = 64,
         num_masks: int = 20,
         num_inference_steps: int = 50,
@@ -258,7 +259,7 @@ class EmerDiffSegmenter(L.LightningModule):
         return model_input_size(height, width, hp.resolution, hp.resize, hp.resize_multiple)
 
     def _check_resize_multiple(self, backbone: Backbone) -> None:
-        """`keep_aspect` sides must divide by VAE factor × U-Net downsampling, or a grid would not be whole."""
+        """Aspect-keeping sides must divide by VAE factor × U-Net downsampling, or a grid would not be whole."""
         hp = self.hparams
         try:
             vae_factor = latent_scale_factor(backbone.vae)
@@ -267,9 +268,9 @@ class EmerDiffSegmenter(L.LightningModule):
             return
         need = vae_factor * unet_factor
         unit = size_unit(hp.resolution, hp.resize_multiple)
-        if hp.resize == "keep_aspect" and unit % need:
+        if hp.resize != "square" and unit % need:
             raise ValueError(
-                f"keep_aspect sides step by {unit} (resolution {hp.resolution}, resize_multiple "
+                f"{hp.resize} sides step by {unit} (resolution {hp.resolution}, resize_multiple "
                 f"{hp.resize_multiple}) but {hp.pretrained} needs multiples of {need} (VAE ×{vae_factor}, U-Net "
                 f"×{unet_factor}): set model.resize_multiple to a multiple of {need}"
             )

@@ -1,4 +1,5 @@
-"""Images at their own aspect ratio (`resize: keep_aspect`): model input sizes, shape buckets, non-square grids."""
+"""Images at their own aspect ratio (`resize: keep_aspect` / `short_side`): model input sizes, shape buckets,
+non-square grids."""
 
 import os
 
@@ -35,7 +36,7 @@ def model() -> EmerDiffSegmenter:
 
 
 def test_model_input_size_keeps_area_aspect_and_multiples():
-    assert model_input_size(1024, 2048, 704, "keep_aspect", 64) == (512, 1024)  # configs/sd14-cityscapes.yaml
+    assert model_input_size(1024, 2048, 704, "keep_aspect", 64) == (512, 1024)
     assert model_input_size(1024, 2048, 512, "square", 64) == (512, 512)
     for res in (16, 32, 48, 64, 128, 512):  # a square image keeps today's resolution²
         assert model_input_size(100, 100, res, "keep_aspect", 64) == (res, res)
@@ -47,6 +48,19 @@ def test_model_input_size_keeps_area_aspect_and_multiples():
     assert model_input_size(1, 4000, 32, "keep_aspect", 64) == (32, 64)
     with pytest.raises(ValueError, match="resize must be one of"):
         model_input_size(10, 10, 64, "stretch")
+
+
+def test_short_side_keeps_the_short_side_at_resolution():
+    assert model_input_size(1024, 2048, 512, "short_side", 64) == (512, 1024)  # configs/sd14-cityscapes.yaml
+    assert model_input_size(128, 256, 128, "short_side", 32) == (128, 256)  # toy 2:1 scenes at their own size
+    assert model_input_size(128, 256, 184, "keep_aspect", 32) == (128, 256)  # the same input, by area
+    for res in (16, 32, 48, 64, 128, 512):  # a square image: the same as keep_aspect and square
+        assert model_input_size(100, 100, res, "short_side", 64) == (res, res)
+    assert model_input_size(480, 640, 512, "short_side", 64) == (512, 704)  # 4:3 → 512 × 682.7 → ×64
+    assert model_input_size(640, 480, 512, "short_side", 64) == (704, 512)
+    assert model_input_size(1, 4000, 512, "short_side", 64) == (512, 2048)  # clamped to 4:1, 4× the pixels
+    assert model_input_size(4000, 1, 512, "short_side", 64) == (2048, 512)
+    assert model_input_size(1, 4000, 32, "short_side", 64) == (32, 128)
 
 
 def test_square_reproduces_the_squashing_resize_bit_identically():
@@ -193,13 +207,17 @@ def test_data_resize_follows_the_model(tmp_path):
     assert built.model.hparams.resize_multiple == built.datamodule.resize_multiple == 64
     built = cli.cli_main([*args, "--model.resize", "square", "--model.resize_multiple", "32"], run=False)
     assert built.datamodule.resize == "square" and built.datamodule.resize_multiple == 32
+    built = cli.cli_main([*args, "--model.resize", "short_side"], run=False)
+    assert built.model.hparams.resize == built.datamodule.resize == "short_side"
     with pytest.raises(ValueError, match="data.resize"):
         EmerDiffDataModule(folder=str(tmp_path / "in"), resize="stretch")
 
 
-def test_a_resize_multiple_the_model_cannot_divide_is_a_clear_error():
-    with pytest.raises(ValueError, match="multiples of 16"):
-        EmerDiffSegmenter(**{**ASPECT, "resize_multiple": 8}).configure_model()
+@pytest.mark.parametrize("resize", ["keep_aspect", "short_side"])
+def test_a_resize_multiple_the_model_cannot_divide_is_a_clear_error(resize):
+    with pytest.raises(ValueError, match=f"{resize} sides step by 8 .* multiples of 16"):
+        EmerDiffSegmenter(**{**ASPECT, "resize": resize, "resize_multiple": 8}).configure_model()
+    EmerDiffSegmenter(**{**ASPECT, "resize": "square", "resize_multiple": 8}).configure_model()  # not used
 
 
 def test_toy_scenes_take_a_width_and_keep_their_square_scenes():
@@ -235,7 +253,15 @@ def test_non_square_token_grids_keep_raster_order():
     assert torch.equal(plan.modulation[0], expected)
 
 
-def test_predict_records_the_model_input_size(tmp_path):
+# model input sizes at resolution 32, sides ×16, of 20×41, 40×20 and 30×30 images
+PREDICT_SIZES = {
+    "keep_aspect": {"wide_png": [16, 48], "tall_png": [48, 16], "square_png": [32, 32]},
+    "short_side": {"wide_png": [32, 64], "tall_png": [64, 32], "square_png": [32, 32]},
+}
+
+
+@pytest.mark.parametrize("resize", sorted(PREDICT_SIZES))
+def test_predict_records_the_model_input_size(tmp_path, resize):
     from conftest import read_output
 
     from emerdiff_pl.runtime import auto_branch_rows
@@ -250,14 +276,14 @@ def test_predict_records_the_model_input_size(tmp_path):
         [
             "predict", "--config", "configs/tiny.yaml", "--data.folder", str(tmp_path / "in"),
             "--data.num_workers", "0", "--writer.output_dir", str(out), "--model.resolution", "32",
-            "--model.resize_multiple", "16", "--trainer.enable_progress_bar", "false",
+            "--model.resize_multiple", "16", "--model.resize", resize, "--trainer.enable_progress_bar", "false",
         ]
     )  # fmt: skip
     samples = {s["__key__"]: s for s in read_output(out)["samples"]}
-    expected = {"wide_png": [16, 48], "tall_png": [48, 16], "square_png": [32, 32]}
+    expected = PREDICT_SIZES[resize]
     assert set(samples) == set(expected)
     for key, size in expected.items():
         meta = samples[key]["json"]
-        assert meta["model_size"] == size and meta["hparams"]["resize"] == "keep_aspect"
+        assert meta["model_size"] == size and meta["hparams"]["resize"] == resize
         assert samples[key]["seg.png"].shape == tuple(meta["original_size"])
         assert [8 * s for s in samples[key]["lowres.png"].shape] == size  # tiny.yaml: lowres = input / 8

@@ -275,7 +275,7 @@ def run(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
             t0 = time.perf_counter()
             refined = refine(scores, guide[start : start + args.batch_size], refiner, **refine_args)
             lab = refined.argmax(1)
-            if lab.shape[-2:] != images.shape[1:3]:  # keep_aspect: scores at the model size, as segment()
+            if lab.shape[-2:] != images.shape[1:3]:  # scores at the model size, as segment()
                 lab = F.interpolate(lab[:, None].float(), size=images.shape[1:3], mode="nearest-exact")
                 lab = lab[:, 0].long()
             refine_seconds += time.perf_counter() - t0
