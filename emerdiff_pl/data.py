@@ -157,8 +157,8 @@ class _Batcher:
     """Collects decoded samples, failures and skip counts into the batch dict of docs/interfaces.md.
 
     Images of one batch share a shape, so samples wait in one bucket per model input shape (``keep_aspect``
-    and ``short_side`` give several); a bucket is flushed when it holds ``batch_size`` samples, and every bucket at the end of
-    the input (:meth:`flush_all`). Failures and skip counts ride on the next batch flushed."""
+    and ``short_side`` give several); a bucket is flushed when it holds ``batch_size`` samples, and every
+    bucket at the end of the input (:meth:`flush_all`). Failures and skip counts ride on the next batch flushed."""
 
     def __init__(self, batch_size: int, resolution: int, resize: str = "square", multiple: int = 64):
         self.batch_size = batch_size
