@@ -259,6 +259,10 @@ from emerdiff_pl.cli import cli_main
 
 if __name__ == "__main__":
     cli_main(sys.argv[1:], model_class=ColourQuantizer)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # left open, gloo can abort the exit (code -6)
+        sys.exit("cli_main left its DDP process group open")
 """
 
 

@@ -151,8 +151,24 @@ class EmerDiffCLI(LightningCLI):
         self, model: LightningModule, datamodule: Any = None, return_predictions: bool | None = None
     ) -> Any:
         """``Trainer.predict`` that keeps no predictions unless asked (the writer has already stored them; an
-        unset ``return_predictions`` would otherwise hold every image of the run in memory)."""
-        return self.trainer.predict(model, datamodule=datamodule, return_predictions=bool(return_predictions))
+        unset ``return_predictions`` would otherwise hold every image of the run in memory). A run that ends
+        well closes its process group (:func:`_close_process_group`)."""
+        predictions = self.trainer.predict(
+            model, datamodule=datamodule, return_predictions=bool(return_predictions)
+        )
+        _close_process_group()
+        return predictions
+
+
+def _close_process_group() -> None:
+    """Destroy the DDP process group once every image is written. Lightning destroys it at exit for NCCL
+    only; a gloo group (DDP on CPU) left alive can abort the process as the interpreter exits ("terminate
+    called without an active exception", exit code -6), so a finished SLURM task would read as failed. Only
+    after a run that ended well: while another rank may still be inside a collective, destroying can hang."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def cli_main(
