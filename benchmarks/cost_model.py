@@ -18,8 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from emerdiff_pl.attention import AttentionController
 from emerdiff_pl.backbone import sd14_arch_components
+from emerdiff_pl.config import FEATURE_LAYER, MODULATED_LAYER
 from emerdiff_pl.prefix import PrefixSharing
-from emerdiff_pl.segmenter import FEATURE_LAYER, MODULATED_LAYER
 
 
 def count(fn) -> float:

@@ -20,14 +20,14 @@ def measure(path: Path, height: int, width: int) -> float:
     import torch
     import torch.nn.functional as F
 
-    from emerdiff_pl.data import resize_for_model
+    from emerdiff_pl.inputs import InputPolicy
     from emerdiff_pl.shardio import decode_image, encode_label_png
 
     torch.set_num_threads(1)
     data = path.read_bytes()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rgb = decode_image(data, height * width)
-    resize_for_model(rgb, 512)
+    InputPolicy(512, "square", 64).resize_image(rgb)
     labels = F.interpolate(torch.zeros(1, 1, 64, 64), size=(height, width), mode="nearest-exact")[0, 0].long()
     encode_label_png(labels.numpy().astype(np.int64))
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20  # KiB → GiB

@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -109,17 +109,18 @@ def bf16_matmul_peak(device: torch.device, n: int = 8192, repeats: int = 20) -> 
 def flops_per_image(model: EmerDiffSegmenter, image: torch.Tensor, naive: bool) -> float:
     """FLOPs of one image at the model's K, from counted runs at K = 1 and K = 2: the cost is the reference
     pass plus K identical per-mask branch sets, so it is exactly linear in K (k-means, not counted, aside)."""
-    k = model.hparams.num_masks
+    config = model.config
+    k = config.num_masks
     counted = []
     for masks in (1, 2):
-        model.hparams.num_masks = masks
+        model.config = replace(config, num_masks=masks)
         # eager: the count is the same, and a compiled U-Net would recompile for these batch sizes
-        eager = torch.compiler.set_stance("force_eager") if model.hparams.compile else nullcontext()
+        eager = torch.compiler.set_stance("force_eager") if config.compile else nullcontext()
         try:
             with eager, FlopCounterMode(display=False) as counter:
                 model.segment(image, naive=naive)
         finally:
-            model.hparams.num_masks = k
+            model.config = config
         counted.append(float(counter.get_total_flops()))
     return counted[0] + (k - 1) * (counted[1] - counted[0])
 

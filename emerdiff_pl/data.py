@@ -9,7 +9,6 @@ already written by an earlier attempt, or recorded as failures by one, are skipp
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import warnings
@@ -20,9 +19,9 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from emerdiff_pl.inputs import READ_ALL, InputPolicy, ReadPlan
 from emerdiff_pl.shardio import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -36,6 +35,7 @@ from emerdiff_pl.shardio import (
     safe_key,
     to_rgb,
 )
+from emerdiff_pl.writer import PseudoLabelWriter
 
 # --------------------------------------------------------------------------------------------------------------
 # splitting
@@ -89,53 +89,6 @@ def ignore_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-MAX_ASPECT = 4.0  # keep_aspect / short_side: model inputs are at most 4:1 (longer images are squashed to it)
-RESIZE_MODES = ("keep_aspect", "short_side", "square")
-
-
-def size_unit(resolution: int, multiple: int) -> int:
-    """The step of the model input's sides under ``keep_aspect`` and ``short_side``: ``multiple``, or for a
-    resolution below it gcd(resolution, multiple), so that a square image keeps today's resolution²."""
-    return multiple if resolution >= multiple else math.gcd(resolution, multiple)
-
-
-def model_input_size(
-    height: int, width: int, resolution: int, resize: str = "square", multiple: int = 64
-) -> tuple[int, int]:
-    """(h, w) the model sees for an H×W image at the image's aspect ratio (clamped to 1:4 … 4:1):
-
-    - ``square`` → resolution², squashed;
-    - ``keep_aspect`` → area ≈ resolution² (the cost of a square image whatever the aspect);
-    - ``short_side`` → short side ≈ resolution (the scale of a square image; up to 4× its area at 4:1).
-
-    Each side is rounded to a multiple of :func:`size_unit` (at least one): the latent divides by the VAE
-    factor and the coarsest U-Net grid stays whole."""
-    if resize == "square":
-        return resolution, resolution
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-    if height < 1 or width < 1:
-        raise ValueError(f"image size must be positive, got {height}×{width}")
-    unit = size_unit(resolution, multiple)
-    aspect = min(MAX_ASPECT, max(1.0 / MAX_ASPECT, width / height))
-    if resize == "keep_aspect":
-        exact_h, exact_w = resolution / math.sqrt(aspect), resolution * math.sqrt(aspect)
-    else:
-        exact_h, exact_w = resolution / min(aspect, 1.0), resolution * max(aspect, 1.0)
-    return max(unit, round(exact_h / unit) * unit), max(unit, round(exact_w / unit) * unit)
-
-
-def resize_for_model(
-    rgb: np.ndarray, resolution: int, resize: str = "square", multiple: int = 64
-) -> torch.Tensor:
-    """H×W×3 uint8 → 3×h×w float32 in [0, 1] at :func:`model_input_size` (bilinear with antialias; ``square``
-    does not keep the aspect ratio, ``keep_aspect`` and ``short_side`` do up to 4:1)."""
-    size = model_input_size(rgb.shape[0], rgb.shape[1], resolution, resize, multiple)
-    image = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
-    image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)
-    return image[0].clamp_(0.0, 1.0)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # dataset
 # --------------------------------------------------------------------------------------------------------------
@@ -146,7 +99,8 @@ class _Bucket:
 
     def __init__(self) -> None:
         self.images: list[torch.Tensor] = []
-        self.originals: list[torch.Tensor] = []
+        self.originals: list[torch.Tensor | None] = []  # the decoded image (keep_originals), for the writer
+        self.sizes: list[tuple[int, int]] = []
         self.encoded: list[bytes | None] = []  # the input file's bytes (keep_bytes), for writer.include_image
         self.keys: list[str] = []
         self.source_keys: list[str] = []
@@ -160,11 +114,10 @@ class _Batcher:
     and ``short_side`` give several); a bucket is flushed when it holds ``batch_size`` samples, and every
     bucket at the end of the input (:meth:`flush_all`). Failures and skip counts ride on the next batch flushed."""
 
-    def __init__(self, batch_size: int, resolution: int, resize: str = "square", multiple: int = 64):
+    def __init__(self, batch_size: int, policy: InputPolicy, keep_originals: bool = False):
         self.batch_size = batch_size
-        self.resolution = resolution
-        self.resize = resize
-        self.multiple = multiple
+        self.policy = policy
+        self.keep_originals = keep_originals
         self.buckets: dict[tuple[int, int], _Bucket] = {}
         self._reset_counts()
 
@@ -176,11 +129,12 @@ class _Batcher:
     def add(
         self, key: str, url: str, rgb: np.ndarray, source_key: str, encoded: bytes | None = None
     ) -> dict[str, Any] | None:
-        image = resize_for_model(rgb, self.resolution, self.resize, self.multiple)
+        image = self.policy.resize_image(rgb)
         shape = (int(image.shape[1]), int(image.shape[2]))
         bucket = self.buckets.setdefault(shape, _Bucket())
         bucket.images.append(image)
-        bucket.originals.append(torch.from_numpy(rgb))
+        bucket.originals.append(torch.from_numpy(rgb) if self.keep_originals else None)
+        bucket.sizes.append((int(rgb.shape[0]), int(rgb.shape[1])))
         bucket.encoded.append(encoded)
         bucket.keys.append(key)
         bucket.source_keys.append(source_key)
@@ -201,13 +155,12 @@ class _Batcher:
             shape = next(iter(self.buckets), None)
         bucket = self.buckets.pop(shape, None) if shape is not None else None
         bucket = bucket or _Bucket()
-        r = self.resolution
-        sizes = [tuple(o.shape[:2]) for o in bucket.originals]
+        r = self.policy.resolution
         batch = {
             "image": torch.stack(bucket.images) if bucket.images else torch.zeros(0, 3, r, r),
             "original": bucket.originals,
             "original_bytes": bucket.encoded,
-            "original_size": torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2),
+            "original_size": torch.tensor(bucket.sizes, dtype=torch.int64).reshape(-1, 2),
             "key": bucket.keys,
             "source_key": bucket.source_keys,
             "url": bucket.urls,
@@ -237,43 +190,36 @@ class ImageStream(IterableDataset):
     """Batches of decoded images from this process's share of the input units.
 
     ``units`` are shard URLs (``kind="shards"``) or (key, path) pairs (``kind="folder"``), already cut to this
-    array task. They are dealt to ranks, then to dataloader workers, so each unit is read exactly once. Yields
-    ready batches (use ``DataLoader(batch_size=None)``); the batch also carries ``"skipped"`` (samples left out
-    since the previous batch because their key is in ``done_keys``) and ``"skipped_failed"`` (left out because
-    an earlier run recorded them as failures: ``failed_keys``). Tar keys are sanitised with
-    :func:`~emerdiff_pl.shardio.safe_key`; the original is passed on as ``"source_key"``.
+    array task. They are dealt to ranks, then to dataloader workers, so each unit is read exactly once. Images
+    are resized by the model's ``policy``; ``plan`` (the writer's) says which keys to leave out and what to
+    carry. Yields ready batches (use ``DataLoader(batch_size=None)``); the batch also carries ``"skipped"``
+    (samples left out since the previous batch because their key is in ``plan.done_keys``) and
+    ``"skipped_failed"`` (left out because an earlier run recorded them as failures: ``plan.failed_keys``). Tar
+    keys are sanitised with :func:`~emerdiff_pl.shardio.safe_key`; the original is passed on as ``"source_key"``.
     """
 
     def __init__(
         self,
         units: Sequence[Any],
         kind: str,
-        resolution: int,
+        policy: InputPolicy,
         batch_size: int,
         max_pixels: int,
-        done_keys: frozenset[str] = frozenset(),
+        plan: ReadPlan = READ_ALL,
         rank: int = 0,
         world_size: int = 1,
-        failed_keys: frozenset[str] = frozenset(),
-        resize: str = "square",
-        resize_multiple: int = 64,
-        keep_bytes: bool = False,
     ):
         super().__init__()
         if kind not in ("shards", "folder"):
             raise ValueError(f"kind must be 'shards' or 'folder', got {kind!r}")
         self.units = list(units)
         self.kind = kind
-        self.resolution = resolution
+        self.policy = policy
         self.batch_size = batch_size
         self.max_pixels = max_pixels
-        self.done_keys = done_keys
-        self.failed_keys = failed_keys
+        self.plan = plan
         self.rank = rank
         self.world_size = world_size
-        self.resize = resize
-        self.resize_multiple = resize_multiple
-        self.keep_bytes = keep_bytes
 
     def my_units(self, worker: int = 0, num_workers: int = 1) -> list[Any]:
         return deal(deal(self.units, self.rank, self.world_size), worker, num_workers)
@@ -281,17 +227,18 @@ class ImageStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         units = self.my_units(info.id, info.num_workers) if info is not None else self.my_units()
-        batcher = _Batcher(self.batch_size, self.resolution, self.resize, self.resize_multiple)
+        plan = self.plan
+        batcher = _Batcher(self.batch_size, self.policy, plan.keep_originals)
         for unit in units:
             samples = self._folder_samples(unit) if self.kind == "folder" else self._shard_samples(unit)
             for key, source_key, url, read, reason, kind in samples:
                 if reason is not None:
                     batcher.fail(key, url, reason, source_key, kind)
                     continue
-                if key in self.done_keys:
+                if key in plan.done_keys:
                     batcher.skipped += 1
                     continue
-                if key in self.failed_keys:
+                if key in plan.failed_keys:
                     batcher.skipped_failed += 1
                     continue
                 try:
@@ -300,7 +247,7 @@ class ImageStream(IterableDataset):
                 except ImageDecodeError as err:
                     batcher.fail(key, url, str(err), source_key)
                     continue
-                batch = batcher.add(key, url, rgb, source_key, encoded if self.keep_bytes else None)
+                batch = batcher.add(key, url, rgb, source_key, encoded if plan.keep_bytes else None)
                 if batch is not None:
                     yield batch
         yield from batcher.flush_all()
@@ -345,15 +292,19 @@ class EmerDiffDataModule(pl.LightningDataModule):
     """Images to label, from WebDataset shards (``urls``) or a folder (``folder``), split across SLURM array
     tasks, DDP ranks and dataloader workers so that each image is processed exactly once.
 
+    The size images are resized to is the model's (``input_policy`` of the LightningModule, e.g.
+    ``EmerDiffSegmenter``'s ``model.resolution`` / ``resize`` / ``resize_multiple``), and which inputs to leave out
+    and what to carry is the writer's (``PseudoLabelWriter.read_plan``): :meth:`predict_dataloader` asks both from
+    the Trainer it runs under. Without a Trainer, :meth:`dataloader` takes them as arguments.
+
     Args:
         urls: WebDataset shards: a brace pattern (``data/train-{000000..000099}.tar``), several patterns joined
             by ``::``, a list, a glob, a directory of ``*.tar``, or remote URLs (``pipe:``, ``https://``).
         folder: A directory of images (recursive; jpg, jpeg, png, webp, bmp, tif, tiff; other files are recorded
             as failures). Keys come from each file's relative path alone, extension included (``sub/a.jpg`` →
             ``sub/a_jpg``; see ``shardio.file_key``). Give urls or folder.
-        resolution: Side of the square model input (``square``), the side of a square of the same area
-            (``keep_aspect``), or the short side (``short_side``); linked to ``model.resolution`` by the CLI.
-        batch_size: Images per ``predict_step`` call.
+        batch_size: Images per ``predict_step`` call (images of one model input shape; ``keep_aspect`` and
+            ``short_side`` inputs wait in one bucket per shape).
         num_workers: Dataloader worker processes per rank (decoding and resizing happen there).
         array_index: This task's index in a job array (default: from ``SLURM_ARRAY_TASK_ID``, else 0).
         array_count: Number of array tasks sharing the input (default: ``SLURM_ARRAY_TASK_COUNT``, else 1).
@@ -362,60 +313,35 @@ class EmerDiffDataModule(pl.LightningDataModule):
             default, 40 Mpx, bounds one image's host memory (0.75 GiB measured for decoding, resizing and full-size
             labels at the limit, more with overlays and batches in flight; BENCHMARKS.md); raise it for genuine
             larger images where the memory is there.
-        resize: ``keep_aspect`` (area ≈ resolution², the image's aspect ratio up to 4:1, sides rounded to
-            ``resize_multiple``; batches group images of one model input shape), ``short_side`` (the same, with
-            the short side ≈ resolution: the scale of a square image, up to 4× its pixels) or ``square``
-            (resolution², squashed). Linked to ``model.resize`` by the CLI; the same default, ``keep_aspect``,
-            either way.
-        resize_multiple: The side step of ``keep_aspect`` and ``short_side`` (64 for SD: latent ÷ 8, coarsest
-            U-Net grid whole); linked to ``model.resize_multiple``.
     """
 
     def __init__(
         self,
         urls: str | list[str] | None = None,
         folder: str | None = None,
-        resolution: int = 512,
         batch_size: int = 1,
         num_workers: int = 2,
         array_index: int | None = None,
         array_count: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
-        resize: str = "keep_aspect",
-        resize_multiple: int = 64,
     ):
         super().__init__()
-        if resize not in RESIZE_MODES:
-            raise ValueError(f"data.resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
         if (urls is None) == (folder is None):
             raise ValueError(
                 "give exactly one input: --data.urls 'shards/train-{000000..000009}.tar' (WebDataset shards) or "
                 f"--data.folder path/to/images (got urls={urls!r}, folder={folder!r})"
             )
-        for name, value, low in (
-            ("resolution", resolution, 8),
-            ("batch_size", batch_size, 1),
-            ("max_pixels", max_pixels, 1),
-            ("resize_multiple", resize_multiple, 1),
-        ):
+        for name, value, low in (("batch_size", batch_size, 1), ("max_pixels", max_pixels, 1)):
             if value < low:
                 raise ValueError(f"data.{name} must be ≥ {low}, got {value}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be ≥ 0, got {num_workers}")
         self.urls = urls
         self.folder = folder
-        self.resolution = resolution
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.array_index, self.array_count = array_task(array_index, array_count)
         self.max_pixels = max_pixels
-        self.resize = resize
-        self.resize_multiple = resize_multiple
-        self.done_keys: frozenset[str] = frozenset()
-        self.failed_keys: frozenset[str] = frozenset()
-        # batches carry each input's encoded bytes ("original_bytes") only when asked, as the writer does for
-        # writer.include_image (set_keep_bytes); otherwise None, sparing the worker → main process copy
-        self.keep_bytes = False
         self._all_units: list[Any] | None = None
 
     @property
@@ -440,40 +366,34 @@ class EmerDiffDataModule(pl.LightningDataModule):
         """This array task's block of :meth:`all_units`."""
         return partition(self.all_units(), self.array_index, self.array_count)
 
-    def set_done_keys(
-        self, keys: set[str] | frozenset[str], failed: set[str] | frozenset[str] = frozenset()
-    ) -> None:
-        """Keys already in finished output shards, and keys that earlier runs recorded as failures: both are
-        skipped (called by the writer before predicting; it passes no failed keys with retry_failures)."""
-        self.done_keys = frozenset(keys)
-        self.failed_keys = frozenset(failed) - self.done_keys
-
-    def set_keep_bytes(self, keep: bool) -> None:
-        """Whether batches carry the inputs' encoded bytes (``original_bytes``; None per sample otherwise). The
-        writer turns it on for ``writer.include_image``, which stores JPEG / PNG inputs byte for byte."""
-        self.keep_bytes = bool(keep)
-
-    def _rank(self) -> tuple[int, int]:
-        if self.trainer is None:
-            return 0, 1
-        return self.trainer.global_rank, self.trainer.world_size
-
     def predict_dataloader(self) -> DataLoader:
-        rank, world_size = self._rank()
+        """The loader of this rank: images resized by the model's input policy, inputs left out and carried as
+        the writer's read plan says (nothing left out without a ``PseudoLabelWriter``). Lightning asks for it
+        after every ``setup``, so the writer has taken its task lock and read its output folder by then."""
+        trainer = self.trainer
+        if trainer is None:
+            raise RuntimeError(
+                "predict_dataloader runs under a Trainer; without one, call dataloader(policy, plan)"
+            )
+        model = trainer.lightning_module
+        policy = getattr(model, "input_policy", None)
+        if not isinstance(policy, InputPolicy):
+            raise TypeError(
+                f"{type(model).__name__} has no input_policy (an emerdiff_pl.inputs.InputPolicy): the DataModule "
+                "resizes images to the size the model takes them at, and the model says which"
+            )
+        writer = PseudoLabelWriter.of(trainer)
+        plan = writer.read_plan() if writer is not None else READ_ALL
+        return self.dataloader(policy, plan, trainer.global_rank, trainer.world_size)
+
+    def dataloader(
+        self, policy: InputPolicy, plan: ReadPlan = READ_ALL, rank: int = 0, world_size: int = 1
+    ) -> DataLoader:
+        """The loader of rank ``rank`` of ``world_size``: images resized by ``policy``, inputs left out and
+        carried as ``plan`` says."""
         units = self.task_units()
         dataset = ImageStream(
-            units,
-            self.kind,
-            self.resolution,
-            self.batch_size,
-            self.max_pixels,
-            self.done_keys,
-            rank=rank,
-            world_size=world_size,
-            failed_keys=self.failed_keys,
-            resize=self.resize,
-            resize_multiple=self.resize_multiple,
-            keep_bytes=self.keep_bytes,
+            units, self.kind, policy, self.batch_size, self.max_pixels, plan, rank=rank, world_size=world_size
         )
         mine = len(deal(units, rank, world_size))
         workers = min(self.num_workers, mine)
@@ -512,8 +432,6 @@ __all__ = [
     "is_image_file",
     "iter_tar",
     "list_folder",
-    "model_input_size",
-    "resize_for_model",
     "partition",
     "to_rgb",
 ]

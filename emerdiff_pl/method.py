@@ -1,14 +1,15 @@
 """EmerDiff (ICLR 2024) as functions that read beside the paper; docs/method.md is the reference.
 
-    trajectory, features = reference_pass(...)        # §2 encode + edit-friendly inversion, §3 queries at t_f
-    lowres, embeddings = lowres_masks(features, ...)   # §3 k-means → K low-res masks, §7 mask embeddings
-    plan = branch_plan(lowres, ...)                    # §4 one branch row per (image, mask, sign)
-    maps = difference_maps(model, trajectory, plan)    # §4–§6 modulated denoising, decode, ‖I⁻ − I⁺‖
-    labels = assign(smooth(maps, σ), size)             # §6 Gaussian smoothing, argmax, nearest resize
+    trajectory, features = reference_pass(model, x0, seeds, config, record)  # §2 inversion, §3 queries at t_f
+    lowres, embeddings = lowres_masks(features, seeds, latent_hw, config)    # §3 k-means, §7 mask embeddings
+    plan = branch_plan(lowres, grid, config)                                 # §4 a row per (image, mask, sign)
+    maps = difference_maps(model, trajectory, lowres, config)               # §4–§6 modulated denoising, ‖I⁻ − I⁺‖
+    labels = assign(smooth(maps, config.gaussian_sigma), size)              # §6 smoothing, argmax, nearest resize
 
 `difference_maps_naive` is the slow reference of the vectorized path: one mask and sign at a time, masks built
 from `lowres == i` by itself, explicit attention probabilities. The frozen model reaches these functions as a
-`FrozenModel`; how many rows run per call is the caller's (emerdiff_pl.runtime).
+`FrozenModel`, the settings as the `EmerDiffConfig`; how many rows run per call is the caller's
+(`FrozenModel.rows_per_call`, emerdiff_pl.runtime).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from torch import Tensor, nn
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from emerdiff_pl.attention import AttentionController, Backend, RecordKind
+from emerdiff_pl.config import EmerDiffConfig
 from emerdiff_pl.inversion import NoiseSchedule, Trajectory, invert, sample_trajectory_latents
 from emerdiff_pl.kmeans import batched_kmeans, canonical_order, relabel
 from emerdiff_pl.prefix import PrefixSharing
-from emerdiff_pl.runtime import with_oom_halving
+from emerdiff_pl.runtime import branch_chunk, with_oom_halving
 
 # unet_call(x, t) -> model output (ε or v) of the U-Net with the empty-prompt embedding; `t` is one timestep for
 # every row or a tensor with each row's
@@ -38,15 +40,24 @@ Decode = Callable[[Tensor, int], Tensor]
 @dataclass
 class FrozenModel:
     """The frozen pieces the method drives: the U-Net (its processors set by `controller`), one U-Net call,
-    the branch decoder, the noise schedule, the attention kernel, and optional prefix sharing at t_m."""
+    the branch decoder, the noise schedule and the timesteps on it, the attention kernel, optional prefix
+    sharing at t_m, and the runtime's rows per U-Net call for a model input size."""
 
     unet: nn.Module
     call: UNetCall
     decode: Decode
     schedule: NoiseSchedule
+    schedule_timesteps: list[int]  # every timestep of the DDPM schedule, descending
+    timesteps: list[int]  # the trajectory's: t_m first, then the denoising steps after it
+    latent_factor: int  # model input side ÷ latent side (the VAE's)
+    rows_per_call: Callable[[tuple[int, int]], int]
     controller: AttentionController
     backend: Backend
     prefix: PrefixSharing | None = None
+
+    def input_size(self, latents: Tensor) -> tuple[int, int]:
+        """(h, w) of the model input that VAE-encodes to `latents` (…, h/f, w/f)."""
+        return latents.shape[-2] * self.latent_factor, latents.shape[-1] * self.latent_factor
 
 
 @dataclass
@@ -61,25 +72,24 @@ class BranchPlan:
 
 # ---------------------------------------------------------------------------------------------- §2, §3
 def reference_pass(
-    model: FrozenModel,
-    x0: Tensor,
-    seeds: Sequence[int],
-    schedule_timesteps: list[int],
-    timesteps: list[int] | None,
-    feature_timestep: int,
-    record: RecordKind,
-    steps_per_call: int,
+    model: FrozenModel, x0: Tensor, seeds: Sequence[int], config: EmerDiffConfig, record: RecordKind
 ) -> tuple[Trajectory | None, Tensor]:
-    """Sample the trajectory, run the unmodified U-Net over `timesteps` (recording `record` for injection),
-    and read the feature layer's query vectors at t_f. `timesteps=None` (lowres_bilinear): no inversion.
+    """Sample the trajectory, run the unmodified U-Net over the trajectory's timesteps (recording `record` for
+    injection; `batched_reference`: as many steps per call as fit `rows_per_call`), and read the feature
+    layer's query vectors at t_f. `lowres_bilinear` needs no trajectory: no inversion.
 
     Returns (trajectory or None, features (B, N, C) of the call at `feature_timestep`)."""
-    ctl = model.controller
+    ctl, feature_timestep = model.controller, config.feature_timestep
+    schedule_timesteps, timesteps = model.schedule_timesteps, model.timesteps
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     every = sample_trajectory_latents(model.schedule, x0, schedule_timesteps, generators)
     trajectory = None
     with ctl.reference(model.unet, model.backend, record=record, feature_timestep=feature_timestep):
-        if timesteps is not None:
+        if config.method == "emerdiff":
+            steps_per_call = 1
+            if config.batched_reference:
+                rows = model.rows_per_call(model.input_size(x0))
+                steps_per_call = min(len(timesteps), max(1, rows // x0.shape[0]))
             latents = every[[schedule_timesteps.index(t) for t in timesteps]]
 
             def unet_fn(x: Tensor, t: Tensor, steps: list[int]) -> Tensor:
@@ -109,15 +119,11 @@ def token_grid(n: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
 
 
 def lowres_masks(
-    features: Tensor,
-    num_masks: int,
-    seeds: Sequence[int],
-    latent_hw: tuple[int, int],
-    n_init: int,
-    max_iter: int,
+    features: Tensor, seeds: Sequence[int], latent_hw: tuple[int, int], config: EmerDiffConfig
 ) -> tuple[Tensor, Tensor]:
     """k-means of the query vectors (B, N, C) → canonical low-res labels (B, h, w) and mask embeddings (B, K, C),
     the mean feature vector inside each mask (docs/method.md §3, §7)."""
+    num_masks = config.num_masks
     batch, n, _ = features.shape
     h, w = token_grid(n, latent_hw)
     if num_masks > n:
@@ -125,7 +131,9 @@ def lowres_masks(
             f"num_masks={num_masks} exceeds the {n} feature vectors of the feature layer ({h}×{w}); "
             "lower num_masks or raise resolution"
         )
-    result = batched_kmeans(features, num_masks, n_init=n_init, max_iter=max_iter, seeds=list(seeds))
+    result = batched_kmeans(
+        features, num_masks, n_init=config.kmeans_n_init, max_iter=config.kmeans_max_iter, seeds=list(seeds)
+    )
     labels = relabel(result.labels, canonical_order(result.labels, num_masks))
     one_hot = F.one_hot(labels, num_masks).float()  # (B, N, K)
     embeddings = (one_hot.transpose(1, 2) @ features) / one_hot.sum(1).clamp_min(1).unsqueeze(-1)
@@ -133,11 +141,15 @@ def lowres_masks(
 
 
 # ---------------------------------------------------------------------------------------------- §4–§6
-def branch_plan(
-    lowres: Tensor, num_masks: int, grid: tuple[int, int], strength: float, two_sided: bool
-) -> BranchPlan:
+def modulated_grid(model: FrozenModel, trajectory: Trajectory, config: EmerDiffConfig) -> tuple[int, int]:
+    """(h, w) token grid of the modulated layer (its token count as the reference pass recorded it)."""
+    n = model.controller.tokens[config.modulated_layer]
+    return token_grid(n, tuple(trajectory.latents.shape[-2:]))
+
+
+def branch_plan(lowres: Tensor, grid: tuple[int, int], config: EmerDiffConfig) -> BranchPlan:
     """Every (image, mask, sign) of the batch as one row: the mask at the modulated layer's grid, ×±λ."""
-    batch, k = lowres.shape[0], num_masks
+    batch, k, two_sided = lowres.shape[0], config.num_masks, config.two_sided
     signs = (-1.0, 1.0) if two_sided else (1.0,)
     masks = F.one_hot(lowres, k).permute(0, 3, 1, 2).float()  # (B, K, h, w)
     if masks.shape[-2:] != grid:
@@ -145,7 +157,7 @@ def branch_plan(
     image = torch.arange(batch).repeat_interleave(k * len(signs))
     mask = torch.arange(k).repeat_interleave(len(signs)).repeat(batch)
     sign = torch.tensor(signs).repeat(batch * k)
-    modulation = sign[:, None] * strength * masks[image, mask].flatten(1).cpu()
+    modulation = sign[:, None] * config.modulation_strength * masks[image, mask].flatten(1).cpu()
     return BranchPlan(image, modulation, two_sided)
 
 
@@ -185,12 +197,16 @@ def denoise_branches(
 
 
 def difference_maps(
-    model: FrozenModel, trajectory: Trajectory, plan: BranchPlan, num_masks: int, inject: bool, chunk: int
+    model: FrozenModel, trajectory: Trajectory, lowres: Tensor, config: EmerDiffConfig
 ) -> Tensor:
-    """Every branch row of `plan`, `chunk` rows per U-Net call (halved on OOM), decoded; two-sided
-    d = ‖I⁻ − I⁺‖, one-sided d = ‖I⁺ − I_ref‖ per pixel over RGB. → d (B, K, H, W)."""
-    image, modulation = plan.image, plan.modulation
+    """Every branch row of the `branch_plan` of `lowres`, as many rows per U-Net call as `rows_per_call` allows
+    (halved on OOM), decoded; two-sided d = ‖I⁻ − I⁺‖, one-sided d = ‖I⁺ − I_ref‖ per pixel over RGB.
+    → d (B, K, H, W)."""
+    plan = branch_plan(lowres, modulated_grid(model, trajectory, config), config)
+    image, modulation, inject = plan.image, plan.modulation, config.attention_injection
     batch = trajectory.latents.shape[1]
+    rows = model.rows_per_call(model.input_size(trajectory.latents))
+    chunk = branch_chunk(rows, len(image), plan.two_sided)
     rgb_ref = None if plan.two_sided else model.decode(trajectory.final, min(chunk, batch))
     maps: list[Tensor] = []
     done = 0
@@ -210,23 +226,18 @@ def difference_maps(
     with_oom_halving(chunk, run, "branches", even=plan.two_sided)
     model.controller.clear()
     out = torch.cat(maps)
-    return out.view(batch, num_masks, *out.shape[-2:])
+    return out.view(batch, config.num_masks, *out.shape[-2:])
 
 
 def difference_maps_naive(
-    model: FrozenModel,
-    trajectory: Trajectory,
-    lowres: Tensor,
-    num_masks: int,
-    grid: tuple[int, int],
-    strength: float,
-    two_sided: bool,
-    inject: bool,
+    model: FrozenModel, trajectory: Trajectory, lowres: Tensor, config: EmerDiffConfig
 ) -> Tensor:
     """Reference path: one image, mask and sign at a time, the mask built here from `lowres == i` (not from
     `branch_plan`), explicit attention probabilities recomputed from the unmodified run at every step, no
     shared computation. Slow; it exists to prove the fast path right."""
     ctl, steps = model.controller, trajectory.timesteps
+    grid, num_masks, two_sided = modulated_grid(model, trajectory, config), config.num_masks, config.two_sided
+    strength, inject = config.modulation_strength, config.attention_injection
     device = trajectory.latents.device
     one = torch.zeros(1, dtype=torch.long, device=device)
     maps = []
@@ -291,6 +302,7 @@ __all__ = [
     "difference_maps_naive",
     "lowres_bilinear_scores",
     "lowres_masks",
+    "modulated_grid",
     "reference_pass",
     "smooth",
     "token_grid",

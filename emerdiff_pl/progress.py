@@ -1,10 +1,11 @@
 """Progress of ``predict`` counted in images: done / total, seconds per image (or images per second), ETA.
 
 Lightning's bar counts batches of an IterableDataset whose length it cannot know (``Predicting 0/--``). This
-bar knows the total where it can: the file count of a folder, or a count of the members of local tar shards
-(headers only, a few seconds at most; beyond that the total is estimated from the shards counted). On a
-terminal it redraws one line every second, also while a long batch runs; elsewhere (a log file, SLURM) it
-prints a plain line every few images or every 30 s. It reads the counts of the writer callback.
+bar knows the total where it can: the inputs this run will label, i.e. the files of a folder, or the samples of
+local tar shards (a few seconds of reading at most; beyond that the total is estimated from the shards counted),
+less those the writer's read plan leaves out (done, or failed, in earlier runs). On a terminal it redraws one
+line every second, also while a long batch runs; elsewhere (a log file, SLURM) it prints a plain line every few
+images or every 30 s. Its counts are the :class:`~emerdiff_pl.writer.PseudoLabelWriter`'s (``counts()``).
 """
 
 from __future__ import annotations
@@ -19,14 +20,17 @@ from typing import Any, NamedTuple, TextIO
 
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 
+from emerdiff_pl.data import EmerDiffDataModule, deal
+from emerdiff_pl.inputs import READ_ALL, ReadPlan
+from emerdiff_pl.shardio import iter_tar, safe_key
+from emerdiff_pl.writer import PseudoLabelWriter, WriterCounts
+
 
 class InputCount(NamedTuple):
-    """Inputs this process will see: ``total`` (None when unknown), whether it is exact, and whether inputs
-    that an earlier run already labelled (skipped now) are part of it."""
+    """Inputs this process will label or fail on: ``total`` (None when unknown), and whether it is exact."""
 
     total: int | None
     exact: bool
-    includes_done: bool
 
 
 def count_tar_samples(path: str) -> int:
@@ -49,31 +53,41 @@ def count_tar_samples(path: str) -> int:
 
 
 def count_inputs(
-    datamodule: Any, rank: int = 0, world_size: int = 1, budget_seconds: float = 3.0
+    datamodule: Any, plan: ReadPlan, rank: int = 0, world_size: int = 1, budget_seconds: float = 3.0
 ) -> InputCount:
-    """How many inputs ``datamodule`` gives this rank: exact for a folder (keys an earlier run finished left out),
-    counted or estimated for local shards, unknown for remote ones."""
-    if datamodule is None or not hasattr(datamodule, "task_units"):
-        return InputCount(None, False, True)
-    from emerdiff_pl.data import deal
-
+    """How many inputs ``datamodule`` gives this rank that ``plan`` does not leave out: exact for a folder,
+    counted (or estimated, past ``budget_seconds`` of reading) for local shards, unknown for remote ones."""
+    if not isinstance(datamodule, EmerDiffDataModule):
+        return InputCount(None, False)
     units = deal(datamodule.task_units(), rank, world_size)
-    if getattr(datamodule, "kind", None) == "folder":
-        # keys done, or failed, in an earlier run are skipped without a count: leave them out of the total
-        skip = set(getattr(datamodule, "done_keys", ())) | set(getattr(datamodule, "failed_keys", ()))
-        return InputCount(sum(1 for key, _ in units if key not in skip), True, False)
+    skip = plan.skip_keys
+    if datamodule.kind == "folder":
+        return InputCount(sum(1 for key, _ in units if key not in skip), True)
     deadline = time.monotonic() + budget_seconds
     counted = samples = 0
     for url in units:
-        if not os.path.isfile(url) or time.monotonic() > deadline:
+        count = _count_shard(url, skip, deadline) if os.path.isfile(url) else None
+        if count is None:
             break
-        samples += count_tar_samples(url)
+        samples += count
         counted += 1
     if counted == len(units):
-        return InputCount(samples, True, True)
+        return InputCount(samples, True)
     if counted:
-        return InputCount(round(samples / counted * len(units)), False, True)
-    return InputCount(None, False, True)
+        return InputCount(round(samples / counted * len(units)), False)
+    return InputCount(None, False)
+
+
+def _count_shard(url: str, skip: frozenset[str], deadline: float) -> int | None:
+    """Samples of a local shard whose key is not in ``skip`` (None once ``deadline`` passes), as the
+    DataModule reads them (:func:`~emerdiff_pl.shardio.iter_tar`, keys made safe)."""
+    count = 0
+    for item in iter_tar(url, fields=()):
+        if time.monotonic() > deadline:
+            return None
+        if item.fields is not None and safe_key(item.key) not in skip:
+            count += 1
+    return count
 
 
 def format_duration(seconds: float) -> str:
@@ -124,8 +138,8 @@ class ImageProgressBar(ProgressBar):
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._writer: Any = None
-        self.count = InputCount(None, False, True)
+        self._writer: PseudoLabelWriter | None = None
+        self.count = InputCount(None, False)
         self._start = self._batch_start = self._last_line = self._last_done_at = 0.0
         self._last_done = 0
         self._batch_images = 0
@@ -149,23 +163,20 @@ class ImageProgressBar(ProgressBar):
 
     # ---- counts -------------------------------------------------------------------------------------------
 
-    def _counts(self) -> tuple[int, int, int]:
-        """(labelled, skipped as done or failed by an earlier run, failed) so far, from the writer."""
-        writer = self._writer
-        if writer is None:
-            return 0, 0, 0
-        skipped = int(writer.skipped) + int(getattr(writer, "skipped_failed", 0))
-        return int(writer.done), skipped, int(writer.failed)
+    def _counts(self) -> WriterCounts:
+        """The writer's counts so far (zeros without a writer)."""
+        return self._writer.counts() if self._writer is not None else WriterCounts(0, 0, 0, 0)
 
     def position(self) -> int:
-        """Inputs handled so far, on the same footing as ``count.total``."""
-        done, skipped, failed = self._counts()
-        return done + failed + (skipped if self.count.includes_done else 0)
+        """Inputs handled so far, on the same footing as ``count.total``: labelled or failed in this run."""
+        counts = self._counts()
+        return counts.done + counts.failed
 
     def line(self, now: float | None = None) -> str:
         """The progress text: ``12/100 images (12%) · 3.2 s/image · ETA 4m41s · 1 failed``."""
         now = time.perf_counter() if now is None else now
-        done, skipped, failed = self._counts()
+        counts = self._counts()
+        done, failed, skipped = counts.done, counts.failed, counts.skipped + counts.skipped_failed
         position, total = self.position(), self.count.total
         if total is not None:
             approx = "" if self.count.exact else "~"
@@ -231,15 +242,13 @@ class ImageProgressBar(ProgressBar):
         if not self._enabled or not trainer.is_global_zero:
             self._enabled = False
             return
-        self._writer = next(
-            (cb for cb in trainer.callbacks if all(hasattr(cb, a) for a in ("done", "skipped", "failed"))),
-            None,
-        )
+        self._writer = PseudoLabelWriter.of(trainer)
         datamodule = getattr(trainer, "datamodule", None)
+        plan = self._writer.read_plan() if self._writer is not None else READ_ALL
         try:
-            self.count = count_inputs(datamodule, trainer.global_rank, trainer.world_size)
+            self.count = count_inputs(datamodule, plan, trainer.global_rank, trainer.world_size)
         except Exception:  # a count is a nicety: the run itself reports input problems
-            self.count = InputCount(None, False, True)
+            self.count = InputCount(None, False)
         self._start = self._last_line = time.perf_counter()
         total = self.count.total
         what = "? images" if total is None else f"{'' if self.count.exact else '~'}{total} images"
@@ -269,8 +278,8 @@ class ImageProgressBar(ProgressBar):
         if not self._enabled:
             return
         self._batch_images = 0
-        if self._counts()[0] != self._last_done:
-            self._last_done, self._last_done_at = self._counts()[0], time.perf_counter()
+        if self._counts().done != self._last_done:
+            self._last_done, self._last_done_at = self._counts().done, time.perf_counter()
         position = self.position()
         if self._tty():
             self._emit(self.line())

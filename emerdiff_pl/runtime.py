@@ -14,6 +14,7 @@ from typing import Literal, TypeVar
 import torch
 from torch import nn
 
+from emerdiff_pl.config import DType
 from emerdiff_pl.layout import GroupNormKernel, to_channels_last
 
 log = logging.getLogger(__name__)
@@ -24,9 +25,7 @@ AUTO_MAX_ROWS_512 = 16  # max_branch_batch=auto on CUDA: branch rows per U-Net c
 CPU_ROWS = 32  # max_branch_batch=auto on the CPU
 
 
-def compute_dtype(
-    name: Literal["auto", "float32", "bfloat16", "float16"], device: torch.device
-) -> torch.dtype:
+def compute_dtype(name: DType, device: torch.device) -> torch.dtype:
     """`auto` = bfloat16 on CUDA, float32 elsewhere; else the named dtype."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32

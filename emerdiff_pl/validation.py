@@ -1,9 +1,11 @@
 """Checks of a ``predict`` config that run in seconds, before the Trainer exists or any weight is loaded.
 
-A mistake found here (no input, an output path that is a file, no GPU for a GPU config, a layer name the
-U-Net does not have, more masks than feature vectors, a hub model that is not cached offline) is reported as
-one :class:`UserError` that names the flag and what to do, instead of a traceback after minutes of loading.
-Layer names and grid sizes come from the U-Net's config, built on the meta device (no weights are read).
+A mistake found here (no input, an output path that is a file, no GPU for a GPU config, a model setting of the
+wrong type or out of range, a layer name the U-Net does not have, more masks than feature vectors, a hub model
+that is not cached offline) is reported as one :class:`UserError` that names the flag and what to do, instead of
+a traceback after minutes of loading. Model settings are checked by building the
+:class:`~emerdiff_pl.config.EmerDiffConfig` the segmenter will use (one check for the CLI and Python); layer names
+and grid sizes come from the U-Net's config, built on the meta device (no weights are read).
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import os
 import re
 import tarfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from emerdiff_pl.config import EmerDiffConfig
 
 TINY_RANDOM, SD14_ARCH = "tiny-random", "sd14-arch"  # as in backbone.py, without importing diffusers
 _TOY_CONFIGS = "configs/toyworld.yaml (the shipped toy model) or configs/tiny.yaml (random weights, seconds)"
@@ -46,8 +51,8 @@ def validate_predict_config(
         (check_output_dir, (writer.get("output_dir"),)),
         (check_accelerator, (trainer.get("accelerator", "auto"), trainer.get("devices", "auto"))),
     ]
-    if "pretrained" in model:  # the EmerDiff segmenter (test stand-ins have no backbone)
-        checks.append((check_model, (model,)))
+    if model_class is None or _is_segmenter(model_class):  # test stand-ins have no config and no backbone
+        checks.append((check_model_settings, (model,)))
     for check, args in checks:
         try:
             check(*args)
@@ -62,6 +67,23 @@ def validate_predict_config(
 # --------------------------------------------------------------------------------------------------------------
 # input and output
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _is_segmenter(model_class: type) -> bool:
+    from emerdiff_pl.segmenter import EmerDiffSegmenter
+
+    return issubclass(model_class, EmerDiffSegmenter)
+
+
+def check_model_settings(model: dict[str, Any]) -> None:
+    """The ``model:`` group builds a valid :class:`~emerdiff_pl.config.EmerDiffConfig` that fits its model."""
+    from emerdiff_pl.config import EmerDiffConfig
+
+    try:
+        config = EmerDiffConfig(**model)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"--{err}") from None
+    check_model(config)
 
 
 def _example_urls() -> str:
@@ -285,16 +307,16 @@ def layer_side(layer: str, unet: Any, latent_side: int) -> int:
     return side
 
 
-def check_model(model: dict[str, Any]) -> None:
+def check_model(config: EmerDiffConfig) -> None:
     """Layer names exist in the U-Net, and K fits the feature layer's grid at ``model.resolution``."""
-    pretrained = str(model["pretrained"])
+    pretrained = config.pretrained
     unet, vae_config = model_configs(pretrained)
     names = [name.removesuffix(".processor") for name in unet.attn_processors]
-    resolution = int(model.get("resolution") or 512)
+    resolution = config.resolution
     latent_side = resolution // 2 ** (len(vae_config.get("block_out_channels", (0,) * 4)) - 1)
     for option in ("feature_layer", "modulated_layer"):
-        layer = model.get(option)
-        if layer is None or layer in names:
+        layer = getattr(config, option)
+        if layer in names:
             continue
         cross = [n for n in names if n.endswith("attn2")]
         listing = "\n".join(
@@ -304,16 +326,15 @@ def check_model(model: dict[str, Any]) -> None:
             f"--model.{option} {layer!r} is not an attention layer of the U-Net of {pretrained!r}. Its "
             f"cross-attention layers (each ….attn1 beside them is self-attention):\n{listing}"
         )
-    layer, k = model.get("feature_layer"), model.get("num_masks")
-    if layer is not None and isinstance(k, int):
-        side = layer_side(layer, unet, latent_side)
-        if k > side * side:
-            raise UserError(
-                f"--model.num_masks {k} exceeds the {side}×{side} = {side * side} feature vectors of {layer} at "
-                f"--model.resolution {resolution}: lower --model.num_masks or raise --model.resolution"
-            )
-    if model.get("decoder") == "taesd":
-        taesd = str(model.get("taesd_model"))
+    layer, k = config.feature_layer, config.num_masks
+    side = layer_side(layer, unet, latent_side)
+    if k > side * side:
+        raise UserError(
+            f"--model.num_masks {k} exceeds the {side}×{side} = {side * side} feature vectors of {layer} at "
+            f"--model.resolution {resolution}: lower --model.num_masks or raise --model.resolution"
+        )
+    if config.decoder == "taesd":
+        taesd = config.taesd_model
         from emerdiff_pl.backbone import shipped_taesd
 
         if taesd not in (TINY_RANDOM, SD14_ARCH) and shipped_taesd(taesd) is None:
@@ -335,6 +356,7 @@ __all__ = [
     "check_accelerator",
     "check_input",
     "check_model",
+    "check_model_settings",
     "check_output_dir",
     "layer_side",
     "model_configs",

@@ -32,7 +32,7 @@ import time
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import numpy as np
@@ -40,6 +40,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from emerdiff_pl.inputs import ReadPlan
 from emerdiff_pl.manifest import (
     OutputState,
     TaskLock,
@@ -112,79 +113,13 @@ def _numpy(value: Any) -> np.ndarray:
     return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# per-sample segmentation errors
-# --------------------------------------------------------------------------------------------------------------
+class WriterCounts(NamedTuple):
+    """Inputs so far: labelled, skipped as done by an earlier run, skipped as failed by one, failed now."""
 
-
-def _one(batch: dict[str, Any], i: int) -> dict[str, Any]:
-    """Sample ``i`` of a DataModule batch as a batch of one (the batch's failures are reported once, outside)."""
-    out = {**batch, "failures": []}
-    for name in ("image", "original", "original_bytes", "original_size", "key", "url", "source_key"):
-        if name in batch:
-            out[name] = batch[name][i : i + 1]
-    return out
-
-
-def _joined(parts: list[dict[str, Any]], failures: list[dict[str, Any]]) -> dict[str, Any]:
-    """The ``predict_step`` outputs of single-sample batches as one output (docs/interfaces.md)."""
-    out: dict[str, Any] = {
-        "key": [],
-        "url": [],
-        "original": [],
-        "labels": [],
-        "seconds": 0.0,
-        "failures": failures,
-    }
-    for name in ("key", "url", "original", "labels"):
-        out[name] = [v for part in parts for v in part[name]]
-    for name in ("lowres_labels", "mask_embeddings"):
-        values = [torch.as_tensor(part[name]) for part in parts]
-        out[name] = torch.cat(values) if values else torch.zeros(0)
-    out["seconds"] = sum(float(part.get("seconds", 0.0)) for part in parts)
-    return out
-
-
-class _GuardedStep:
-    """Wraps ``predict_step``: a batch that raises is retried image by image, and an image that still raises is
-    recorded as a failure, so one input the model cannot segment does not end the run (or every rerun).
-
-    Out-of-memory errors and interrupts are raised as before, and so is the error of a third batch in a row in
-    which every image failed (a broken device, not a bad input).
-    """
-
-    def __init__(self, step: Any):
-        self.step = step
-        self.failed_batches = 0
-
-    def __call__(self, batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> Any:
-        try:
-            out = self.step(batch, batch_idx, *args, **kwargs)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as err:
-            if not isinstance(batch, dict) or not batch.get("key"):
-                raise
-            return self._one_by_one(batch, batch_idx, err, *args, **kwargs)
-        self.failed_batches = 0
-        return out
-
-    def _one_by_one(
-        self, batch: dict[str, Any], batch_idx: int, error: Exception, *args: Any, **kwargs: Any
-    ) -> Any:
-        parts, failures = [], list(batch.get("failures", []))
-        for i, (key, url) in enumerate(zip(batch["key"], batch["url"], strict=True)):
-            try:
-                parts.append(self.step(_one(batch, i), batch_idx, *args, **kwargs))
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except Exception as err:
-                reason = f"segmentation failed ({type(err).__name__}: {err})"
-                failures.append({"key": key, "url": url, "reason": reason, "kind": "sample"})
-        self.failed_batches = 0 if parts else self.failed_batches + 1
-        if self.failed_batches >= 3:
-            raise error
-        return _joined(parts, failures)
+    done: int
+    skipped: int
+    skipped_failed: int
+    failed: int
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -194,6 +129,10 @@ class _GuardedStep:
 
 class PseudoLabelWriter(BasePredictionWriter):
     """Writes ``predict_step`` outputs as a pseudo-label WebDataset (docs/method.md), one batch at a time.
+
+    Its :meth:`read_plan` tells the DataModule which inputs to leave out (resume) and what the batches must carry
+    (``EmerDiffDataModule.predict_dataloader`` asks for it); :meth:`counts` says how far the run is (the progress
+    bar reads it). A ``predict_step`` that raises is the model's to isolate (``SampleErrorIsolation``).
 
     Args:
         output_dir: Folder for shards, manifests, failures and summaries; shared safely by array tasks and
@@ -230,6 +169,7 @@ class PseudoLabelWriter(BasePredictionWriter):
         self._shard: TarWriter | None = None
         self._sequence = 0
         self._written: dict[str, str] = {}  # key → input url, for this run
+        self._plan: ReadPlan | None = None
         self._lock: TaskLock | None = None
         self.shards_written: list[str] = []
         self.done = self.skipped = self.skipped_failed = self.failed = 0
@@ -238,6 +178,28 @@ class PseudoLabelWriter(BasePredictionWriter):
         self._hparams: dict[str, Any] = {}
         self._run_info: dict[str, Any] = {}
         self._versions: dict[str, str] = {}
+
+    @classmethod
+    def of(cls, trainer: pl.Trainer) -> PseudoLabelWriter | None:
+        """The writer among ``trainer``'s callbacks (None without one; more than one is an error)."""
+        writers = [cb for cb in trainer.callbacks if isinstance(cb, cls)]
+        if len(writers) > 1:
+            raise ValueError(f"{len(writers)} PseudoLabelWriter callbacks: one run writes one output folder")
+        return writers[0] if writers else None
+
+    def read_plan(self) -> ReadPlan:
+        """Which inputs this run leaves out (keys finished shards hold; earlier failures, unless
+        ``retry_failures``) and what batches carry for the outputs (bytes for ``include_image``, decoded
+        originals for overlays and ``include_image``). Known once :meth:`setup` has read the output folder."""
+        if self._plan is None:
+            raise RuntimeError(
+                "the writer's read plan is known only after its setup (inside Trainer.predict)"
+            )
+        return self._plan
+
+    def counts(self) -> WriterCounts:
+        """Inputs so far: labelled, skipped (done before), skipped (failed before, not retried), failed."""
+        return WriterCounts(self.done, self.skipped, self.skipped_failed, self.failed)
 
     # ---- naming -------------------------------------------------------------------------------------------
 
@@ -270,26 +232,20 @@ class PseudoLabelWriter(BasePredictionWriter):
         lock = TaskLock(lock_path(self.output_dir, self.prefix))
         lock.acquire(self.run_id)  # raises TaskLockedError while another live process runs this task
         self._lock = lock
-        if not isinstance(pl_module.__dict__.get("predict_step"), _GuardedStep):
-            pl_module.predict_step = _GuardedStep(pl_module.predict_step)  # per-sample segmentation errors
         # Temporary shards of earlier, dead attempts of this task and rank (the lock proves no live owner).
         for stale in self.output_dir.glob(f".{self.prefix}-*.tar.tmp"):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         state = scan_output(self.output_dir, checksum=self.prefix)
         self._quarantine(state)
-        done = state.keys()
-        failed = set() if self.retry_failures else failed_keys(self.output_dir) - done
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "set_keep_bytes"):
-            datamodule.set_keep_bytes(self.include_image)  # the input's own bytes, for include_image only
-        if datamodule is not None and hasattr(datamodule, "set_done_keys"):
-            datamodule.set_done_keys(done, failed)
-        elif done:
-            raise RuntimeError(
-                f"{self.output_dir} already holds {len(done)} labelled samples but the data source cannot skip them "
-                "(use EmerDiffDataModule, or a fresh writer.output_dir)"
-            )
+        done = frozenset(state.keys())
+        failed = frozenset() if self.retry_failures else frozenset(failed_keys(self.output_dir) - done)
+        self._plan = ReadPlan(
+            done_keys=done,
+            failed_keys=failed,
+            keep_bytes=self.include_image,  # the input's own bytes, stored as they are
+            keep_originals=self.overlay or self.include_image,
+        )
 
     def _quarantine(self, state: OutputState) -> None:
         """Say which finished shards failed their checks; rename this task's own out of the way (``.corrupt``),
@@ -326,8 +282,8 @@ class PseudoLabelWriter(BasePredictionWriter):
     ) -> None:
         if not isinstance(prediction, dict) or "key" not in prediction:
             raise TypeError(
-                "predict_step must return the dict of docs/interfaces.md (key, url, original, labels, "
-                f"lowres_labels, mask_embeddings, failures, seconds); got {type(prediction).__name__}"
+                "predict_step must return the dict of docs/interfaces.md (key, url, original, original_size, "
+                f"labels, lowres_labels, mask_embeddings, failures, seconds); got {type(prediction).__name__}"
             )
         source_keys: list[str] = []
         encoded: dict[str, bytes | None] = {}
@@ -343,6 +299,12 @@ class PseudoLabelWriter(BasePredictionWriter):
         for i, key in enumerate(keys):
             url = prediction["url"][i]
             source = source_keys[i] if i < len(source_keys) else key
+            if key in self.read_plan().done_keys:
+                raise RuntimeError(
+                    f"{key!r} is already in a finished shard of {self.output_dir}: the data source does not leave "
+                    "out what the writer's read_plan() says is done (use EmerDiffDataModule, or a fresh "
+                    "writer.output_dir)"
+                )
             if key in self._written:
                 reason = f"duplicate input key: {key!r} was already labelled from {self._written[key]}"
                 failures.append({"key": key, "url": url, "reason": reason, "kind": "duplicate"})
@@ -428,11 +390,11 @@ class PseudoLabelWriter(BasePredictionWriter):
         encoded: bytes | None = None,
     ) -> dict[str, bytes]:
         key, url = prediction["key"][i], prediction["url"][i]
-        original = _numpy(prediction["original"][i])
+        height, width = (int(v) for v in prediction["original_size"][i])
         labels = _numpy(prediction["labels"][i])
-        if labels.shape != original.shape[:2]:
+        if labels.shape != (height, width):
             raise ValueError(
-                f"labels of {key!r} have shape {labels.shape} but the original image is {original.shape[:2]}: "
+                f"labels of {key!r} have shape {labels.shape} but the original image is {(height, width)}: "
                 "predict_step must return labels at the original size"
             )
         lowres = _numpy(prediction["lowres_labels"][i])
@@ -441,7 +403,7 @@ class PseudoLabelWriter(BasePredictionWriter):
             "key": key,
             **({"source_key": source_key} if source_key != key else {}),
             "url": url,
-            "original_size": [int(original.shape[0]), int(original.shape[1])],
+            "original_size": [height, width],
             "lowres_size": [int(s) for s in lowres.shape],
             **({"model_size": prediction["model_size"]} if prediction.get("model_size") else {}),
             "model": self._run_info.get("model", self._hparams.get("pretrained")),
@@ -462,6 +424,12 @@ class PseudoLabelWriter(BasePredictionWriter):
             "emb.npy": encode_npy(embeddings),
             "json": json.dumps(meta, indent=1).encode("utf-8"),
         }
+        if self.overlay or self.include_image:
+            if prediction["original"][i] is None:
+                raise ValueError(
+                    f"no decoded original of {key!r} in the batch: the read plan keeps originals"
+                )
+            original = _numpy(prediction["original"][i])
         if self.overlay:
             members["overlay.jpg"] = _overlay_jpg(original.astype(np.uint8), labels)
         if self.include_image:
@@ -557,6 +525,7 @@ def merge_main(argv: list[str] | None = None) -> int:
 __all__ = [
     "OutputState",
     "PseudoLabelWriter",
+    "WriterCounts",
     "TaskLock",
     "TaskLockedError",
     "failed_keys",

@@ -6,11 +6,14 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import dataclasses
 import io
 import json
 import subprocess
 import tarfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -19,6 +22,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from emerdiff_pl.inputs import InputPolicy
+from emerdiff_pl.isolation import SampleErrorIsolation
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -91,6 +97,17 @@ FAST_SEGMENTER = dict(
     kmeans_n_init=2,
     gaussian_sigma=1.0,
 )
+
+
+@contextmanager
+def changed_settings(model, **changes) -> Iterator[None]:
+    """The segmenter's per-call settings (``EmerDiffSegmenter.config``) changed for the duration of the block."""
+    before = model.config
+    model.config = dataclasses.replace(before, **changes)
+    try:
+        yield
+    finally:
+        model.config = before
 
 
 def smooth_images(batch: int, seed: int = 0, size: int = 64) -> torch.Tensor:
@@ -187,10 +204,11 @@ def image_folder(tmp_path: Path) -> dict:
 
 
 class ColourQuantizer(pl.LightningModule):
-    """Labels each pixel by its brightness band (K bands): fast, deterministic, contract-conforming.
+    """Labels each pixel of the model input by its brightness band (K bands), resized back to the original size
+    as EmerDiffSegmenter does: fast, deterministic, contract-conforming (errors isolated per sample too).
 
     Args:
-        resolution: model input side (linked to data.resolution by the CLI).
+        resolution: model input side (keep_aspect, sides ×64: EmerDiffSegmenter's default policy).
         num_masks: K.
         seed: recorded only.
         delay: seconds to sleep per image (to kill a run mid-way).
@@ -214,11 +232,16 @@ class ColourQuantizer(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.register_buffer("anchor", torch.zeros(1))
+        self.input_policy = InputPolicy(resolution, "keep_aspect", 64)
+        self.isolation = SampleErrorIsolation(self.label_batch)
 
     def run_info(self) -> dict:
         return {"model": "colour-quantizer", "dtype": "float32", "versions": {"colour-quantizer": "1"}}
 
     def predict_step(self, batch: dict, batch_idx: int = 0) -> dict:
+        return self.isolation(batch, batch_idx)
+
+    def label_batch(self, batch: dict, batch_idx: int = 0) -> dict:
         start = time.perf_counter()
         if 0 <= self.hparams.fail_at_batch <= batch_idx:
             raise RuntimeError(f"planned failure at batch {batch_idx}")
@@ -229,7 +252,12 @@ class ColourQuantizer(pl.LightningModule):
         k = self.hparams.num_masks
         images = batch["image"]
         time.sleep(self.hparams.delay * len(images))
-        labels = [(o.float().mean(-1) * k / 256).long().clamp(0, k - 1) for o in batch["original"]]
+        bands = (images.mean(1) * k).long().clamp(0, k - 1)
+        sizes = [[int(h), int(w)] for h, w in batch["original_size"].tolist()]
+        labels = [
+            F.interpolate(band[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
+            for band, size in zip(bands, sizes, strict=True)
+        ]
         labels = [
             lab * 0 - 1 if key == self.hparams.poison_key else lab
             for lab, key in zip(labels, batch["key"], strict=True)
@@ -242,12 +270,15 @@ class ColourQuantizer(pl.LightningModule):
         return {
             "key": list(batch["key"]),
             "url": list(batch["url"]),
-            "original": batch["original"],
+            "original": list(batch["original"]),
+            "original_size": sizes,
             "labels": labels,
             "lowres_labels": lowres,
+            "model_size": list(images.shape[-2:]) if len(images) else None,
             "mask_embeddings": embeddings,
-            "failures": batch["failures"],
+            "failures": list(batch["failures"]),
             "seconds": time.perf_counter() - start,
+            "timings": {"quantize_s": time.perf_counter() - start},
         }
 
 

@@ -1,6 +1,7 @@
 """Images at their own aspect ratio (`resize: keep_aspect` / `short_side`): model input sizes, shape buckets,
 non-square grids."""
 
+import inspect
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,7 +16,18 @@ from conftest import FAST_SEGMENTER, encode, random_rgb
 from PIL import Image
 
 from emerdiff_pl import EmerDiffSegmenter, cli, method
-from emerdiff_pl.data import EmerDiffDataModule, ImageStream, list_folder, model_input_size, resize_for_model
+from emerdiff_pl.config import EmerDiffConfig
+from emerdiff_pl.data import EmerDiffDataModule, ImageStream, list_folder
+from emerdiff_pl.inputs import InputPolicy, ReadPlan
+
+READ_ORIGINALS = ReadPlan(keep_originals=True)  # the decoded originals in the batch, as for overlays
+
+
+def model_input_size(
+    height: int, width: int, resolution: int, resize: str, multiple: int = 64
+) -> tuple[int, int]:
+    return InputPolicy(resolution, resize, multiple).model_input_size(height, width)
+
 
 # tiny-random needs sides divisible by 16 (VAE ×2, U-Net ×8): at resolution 64 a 2:1 image becomes 48×96
 ASPECT = {**FAST_SEGMENTER, "resize": "keep_aspect", "resize_multiple": 16}
@@ -68,9 +80,8 @@ def test_square_reproduces_the_squashing_resize_bit_identically():
     image = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255.0)[None]
     old = F.interpolate(image, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
     old = old[0].clamp(0, 1)
-    assert torch.equal(resize_for_model(rgb, 16), old)
-    assert torch.equal(resize_for_model(rgb, 16, "square", 64), old)
-    assert resize_for_model(rgb, 64, "keep_aspect", 16).shape == (3, 48, 96)
+    assert torch.equal(InputPolicy(16, "square", 64).resize_image(rgb), old)
+    assert InputPolicy(64, "keep_aspect", 16).resize_image(rgb).shape == (3, 48, 96)
 
 
 def test_square_segmenter_is_todays_segmenter(model):
@@ -131,7 +142,7 @@ def _mixed_folder(root: Path) -> dict[str, tuple[int, int]]:
 def test_buckets_cover_every_image_once_and_flush_at_the_end(tmp_path):
     sizes = _mixed_folder(tmp_path / "in")
     units = list_folder(tmp_path / "in")
-    stream = ImageStream(units, "folder", 64, 2, 10**7, resize="keep_aspect", resize_multiple=16)
+    stream = ImageStream(units, "folder", InputPolicy(64, "keep_aspect", 16), 2, 10**7, READ_ORIGINALS)
     batches = list(stream)
     keys = [k for b in batches for k in b["key"]]
     assert sorted(keys) == sorted(k for k, _ in units) and len(keys) == len(set(keys)) == len(sizes)
@@ -146,7 +157,7 @@ def test_buckets_cover_every_image_once_and_flush_at_the_end(tmp_path):
     assert len(set(shapes)) >= 3  # wide, tall and square buckets
     assert sum(len(b["key"]) == 1 for b in batches) >= 1  # some buckets were flushed part-full at the end
     # square mode: one bucket, input order, as before
-    square = list(ImageStream(units, "folder", 64, 2, 10**7, resize="square"))
+    square = list(ImageStream(units, "folder", InputPolicy(64, "square", 64), 2, 10**7))
     assert [k for b in square for k in b["key"]] == [k for k, _ in units]
     assert all(b["image"].shape[-2:] == (64, 64) for b in square)
 
@@ -165,12 +176,12 @@ def test_results_do_not_depend_on_the_mixed_aspect_batch(model, tmp_path, monkey
         method, "assign", lambda scores, size: scores_seen.append(scores) or assign(scores, size)
     )
     together = {}
-    for batch in ImageStream(units, "folder", 64, 3, 10**7, resize="keep_aspect", resize_multiple=16):
+    for batch in ImageStream(units, "folder", model.input_policy, 3, 10**7, READ_ORIGINALS):
         out = model.predict_step(batch)
         for i, key in enumerate(out["key"]):
             together[key] = (out["labels"][i], out["lowres_labels"][i], out["model_size"], scores_seen[-1][i])
     assert len(together) == len(units)
-    for batch in ImageStream(units, "folder", 64, 1, 10**7, resize="keep_aspect", resize_multiple=16):
+    for batch in ImageStream(units, "folder", model.input_policy, 1, 10**7, READ_ORIGINALS):
         out = model.predict_step(batch)
         key = out["key"][0]
         labels, lowres, size, scores = together[key]
@@ -198,19 +209,42 @@ def test_extreme_images_segment_at_original_size(model):
         assert result.labels.min() >= 0 and result.labels.max() < 4
 
 
-def test_data_resize_follows_the_model(tmp_path):
-    _mixed_folder(tmp_path / "in")
-    args = ["--model.pretrained", "tiny-random", "--data.folder", str(tmp_path / "in")]
-    args += ["--writer.output_dir", str(tmp_path / "out")]
-    built = cli.cli_main(args, run=False)
-    assert built.model.hparams.resize == built.datamodule.resize == "keep_aspect"
-    assert built.model.hparams.resize_multiple == built.datamodule.resize_multiple == 64
-    built = cli.cli_main([*args, "--model.resize", "square", "--model.resize_multiple", "32"], run=False)
-    assert built.datamodule.resize == "square" and built.datamodule.resize_multiple == 32
-    built = cli.cli_main([*args, "--model.resize", "short_side"], run=False)
-    assert built.model.hparams.resize == built.datamodule.resize == "short_side"
-    with pytest.raises(ValueError, match="data.resize"):
-        EmerDiffDataModule(folder=str(tmp_path / "in"), resize="stretch")
+@pytest.mark.parametrize("resize", ["keep_aspect", "short_side", "square"])
+def test_the_datamodule_batches_by_the_models_input_policy(tmp_path, resize):
+    """Plain Python, no CLI links: the batches of Trainer.predict are at the size the model's policy gives."""
+    import lightning.pytorch as pl
+    from conftest import ColourQuantizer
+
+    sizes = _mixed_folder(tmp_path / "in")
+    model = ColourQuantizer(resolution=48)
+    model.input_policy = InputPolicy(48, resize, 16)
+    seen: dict[str, tuple[int, int]] = {}
+
+    class Shapes(pl.Callback):
+        def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            seen.update({key: tuple(batch["image"].shape[-2:]) for key in batch["key"]})
+
+    data = EmerDiffDataModule(folder=str(tmp_path / "in"), batch_size=2, num_workers=0)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[Shapes()])
+    trainer.predict(model, datamodule=data, return_predictions=False)
+    assert seen == {
+        name.replace(".png", "_png"): model.input_policy.model_input_size(*hw) for name, hw in sizes.items()
+    }
+    if resize == "square":
+        assert set(seen.values()) == {(48, 48)}
+    assert not {"resolution", "resize", "resize_multiple"} & set(
+        inspect.signature(EmerDiffDataModule.__init__).parameters
+    )  # one home: the model's
+
+
+def test_segment_checks_the_size_of_an_already_resized_batch(model):
+    images = blobs(1, 48, 96)  # 48×96 is what the policy (resolution 64, keep_aspect, ×16) makes of 100×200
+    result = model.segment(images, original_sizes=[(100, 200)])
+    assert result.labels.shape == (1, 48, 96)
+    with pytest.raises(ValueError, match=r"\(100×200 originally\) is 64×64, but .* makes it 48×96"):
+        model.segment(blobs(1, 64, 64), original_sizes=[(100, 200)])  # squashed: another policy
+    with pytest.raises(ValueError, match="1 original sizes for a batch of 2 images"):
+        model.segment(blobs(2, 48, 96), original_sizes=[(100, 200)])
 
 
 @pytest.mark.parametrize("resize", ["keep_aspect", "short_side"])
@@ -243,11 +277,13 @@ def test_non_square_token_grids_keep_raster_order():
     assert method.token_grid(h * w, (24, 48)) == (h, w) and method.token_grid(h * w, (48, 24)) == (w, h)
     top = (torch.arange(h * w) // w < h // 2).float()
     features = torch.stack([top, 1 - top], -1)[None] + 0.01 * torch.randn(1, h * w, 2)
-    lowres, _ = method.lowres_masks(features, 2, [0], (24, 48), n_init=2, max_iter=20)
+    config = EmerDiffConfig(num_masks=2, kmeans_n_init=2, kmeans_max_iter=20)
+    lowres, _ = method.lowres_masks(features, [0], (24, 48), config)
     band = top.view(h, w).long()
     assert lowres.shape == (1, h, w)
     assert torch.equal(lowres[0], band) or torch.equal(lowres[0], 1 - band)
-    plan = method.branch_plan(lowres, 2, (2 * h, 2 * w), 1.0, two_sided=False)
+    one_sided = EmerDiffConfig(num_masks=2, modulation_strength=1.0, difference="one_sided")
+    plan = method.branch_plan(lowres, (2 * h, 2 * w), one_sided)
     mask0 = (lowres[0] == 0).float()[None, None]
     expected = F.interpolate(mask0, size=(2 * h, 2 * w), mode="nearest").flatten()
     assert torch.equal(plan.modulation[0], expected)

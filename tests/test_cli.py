@@ -1,8 +1,10 @@
 """emerdiff-pl CLI: subcommand dispatch, configs, and predict end to end (tiny model, kill + resume, 2-process DDP)."""
 
+import dataclasses
 import importlib.machinery
 import inspect
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import yaml
 from conftest import MIXED_MAX_PIXELS, REPO, ColourQuantizer, make_shards, read_output, run, subprocess_env
 
 from emerdiff_pl import cli
+from emerdiff_pl.config import EmerDiffConfig
 from emerdiff_pl.data import EmerDiffDataModule
 from emerdiff_pl.segmenter import EmerDiffSegmenter
 from emerdiff_pl.writer import PseudoLabelWriter
@@ -24,6 +27,10 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 def _params(cls: type) -> set[str]:
     return {name for name in inspect.signature(cls.__init__).parameters if name != "self"}
+
+
+def _settings() -> set[str]:
+    return {spec.name for spec in dataclasses.fields(EmerDiffConfig)}
 
 
 # ---- dispatch ------------------------------------------------------------------------------------------------------
@@ -79,9 +86,10 @@ def test_print_config_shows_every_field(config_path: Path, capsys: pytest.Captur
         cli.cli_main(["predict", "--config", str(config_path), "--print_config"])
     assert exit_info.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
-    assert set(config["model"]) == _params(EmerDiffSegmenter)
-    linked = {"resolution", "resize", "resize_multiple"}  # these follow the model's
-    assert set(config["data"]) | linked == _params(EmerDiffDataModule)
+    assert list(config["model"]) == [
+        spec.name for spec in dataclasses.fields(EmerDiffConfig)
+    ]  # every setting
+    assert set(config["data"]) == _params(EmerDiffDataModule)
     assert set(config["writer"]) == _params(PseudoLabelWriter)
     assert isinstance(config["seed_everything"], int) and not isinstance(config["seed_everything"], bool)
     assert config["return_predictions"] is False and config["trainer"]["logger"] is False
@@ -111,22 +119,50 @@ def test_paper_configs_hold_the_paper_defaults():
     assert tiny["model"]["pretrained"] == "tiny-random" and tiny["trainer"]["accelerator"] == "cpu"
 
 
-def test_data_resolution_follows_model_resolution(tmp_path: Path, image_folder: dict):
-    built = cli.cli_main(
-        [
-            "--model.pretrained",
-            "tiny-random",
-            "--data.folder",
-            str(image_folder["root"]),
-            "--writer.output_dir",
-            str(tmp_path / "out"),
-            "--model.resolution",
-            "48",
-        ],
-        run=False,
-    )  # fmt: skip  (run=False: no subcommand, so no config file with return_predictions)
-    assert built.model.hparams.resolution == built.datamodule.resolution == 48
-    assert any(isinstance(cb, PseudoLabelWriter) for cb in built.trainer.callbacks)
+@pytest.mark.parametrize("config_path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_builds_its_model_settings_and_overrides_apply(config_path: Path, capsys):
+    """Each shipped config, as written (flat ``model:`` keys), parses; a flag overrides one setting; the model
+    group it resolves to builds the segmenter with exactly those settings (what <key>.json records)."""
+    with pytest.raises(SystemExit):
+        cli.cli_main(["predict", "--config", str(config_path), "--model.num_masks", "8", "--print_config"])
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    raw = yaml.safe_load(config_path.read_text())["model"]
+    assert set(raw) <= _settings()
+    expected = {**raw, "num_masks": 8}
+    assert {k: v for k, v in model.items() if k in expected} == expected
+    built = EmerDiffSegmenter(**model)  # nothing loads before configure_model
+    assert built.config == EmerDiffConfig(**model) and dict(built.hparams) == built.config.hparams()
+
+
+def _says_something_untrue(model: dict, trainer: dict) -> set[str]:
+    """The settings a config sets that its other values make unread (a config field nothing reads)."""
+    unread = set()
+    if model.get("decoder", "vae") != "taesd":
+        unread.add("taesd_model")
+    if model.get("refine", "none") != "pamr":
+        unread |= {"refine_iterations", "refine_dilations"}
+    if model.get("refine", "none") not in ("guided", "bilateral"):
+        unread |= {"refine_radius", "refine_eps"}
+    if trainer.get("accelerator") == "cpu":  # CUDA-only settings
+        unread |= {"channels_last", "group_norm_kernel"}
+    return unread & set(model)
+
+
+@pytest.mark.parametrize("config_path", CONFIGS, ids=lambda p: p.stem)
+def test_configs_set_no_field_that_nothing_reads(config_path: Path):
+    config = yaml.safe_load(config_path.read_text())
+    assert _says_something_untrue(config["model"], config["trainer"]) == set()
+
+
+@pytest.mark.parametrize("config_path", CONFIGS, ids=lambda p: p.stem)
+def test_config_headers_name_the_model_input_they_configure(config_path: Path):
+    """A header that promises 512×512 (the paper's squashed input) is only true of a `resize: square` config."""
+    header = "".join(
+        line for line in config_path.read_text().splitlines(keepends=True) if line.startswith("#")
+    )
+    resize = yaml.safe_load(config_path.read_text())["model"].get("resize", EmerDiffConfig.resize)
+    if resize != "square":
+        assert not re.search(r"\b(\d+)×\1\b", header), header
 
 
 # ---- predict end to end ------------------------------------------------------------------------------------------

@@ -17,8 +17,11 @@ from emerdiff_pl.data import (
     list_folder,
     partition,
 )
+from emerdiff_pl.inputs import InputPolicy, ReadPlan
 from emerdiff_pl.shardio import expand_urls as expand_shard_urls
 from emerdiff_pl.shardio import file_key
+
+SQUARE_16 = InputPolicy(16, "square", 16)
 
 
 def _collect(batches) -> tuple[list[str], list[dict], int]:
@@ -84,36 +87,38 @@ def test_ranks_and_workers_read_each_sample_once(tmp_path: Path, world_size: int
     units = expand_shard_urls(str(tmp_path / "in-{000000..000006}.tar"))
     seen: list[str] = []
     for rank in range(world_size):
-        stream = ImageStream(units, "shards", 16, 2, 10**6, rank=rank, world_size=world_size)
+        stream = ImageStream(units, "shards", SQUARE_16, 2, 10**6, rank=rank, world_size=world_size)
         for worker in range(num_workers):
             share = stream.my_units(worker, num_workers)
-            seen += _collect(ImageStream(share, "shards", 16, 2, 10**6))[0]
+            seen += _collect(ImageStream(share, "shards", SQUARE_16, 2, 10**6))[0]
     assert sorted(seen) == sorted(keys)
 
 
 def test_dataloader_workers_split_shards_exactly_once(tmp_path: Path):
     keys = make_shards(tmp_path, num_shards=5, per_shard=3, size=8)
-    dm = EmerDiffDataModule(
-        urls=str(tmp_path / "in-{000000..000004}.tar"), resolution=16, batch_size=2, num_workers=2
-    )
-    seen, failures, _ = _collect(dm.predict_dataloader())
+    dm = EmerDiffDataModule(urls=str(tmp_path / "in-{000000..000004}.tar"), batch_size=2, num_workers=2)
+    seen, failures, _ = _collect(dm.dataloader(SQUARE_16))
     assert sorted(seen) == sorted(keys) and failures == []
 
 
 def test_done_keys_are_skipped_and_counted(tmp_path: Path):
     keys = make_shards(tmp_path, num_shards=2, per_shard=4, size=8)
-    dm = EmerDiffDataModule(
-        urls=[str(p) for p in sorted(tmp_path.glob("*.tar"))], resolution=16, num_workers=0
-    )
-    dm.set_done_keys(set(keys[:5]))
-    seen, _, skipped = _collect(dm.predict_dataloader())
+    dm = EmerDiffDataModule(urls=[str(p) for p in sorted(tmp_path.glob("*.tar"))], num_workers=0)
+    seen, _, skipped = _collect(dm.dataloader(SQUARE_16, ReadPlan(done_keys=frozenset(keys[:5]))))
     assert seen == keys[5:] and skipped == 5
-    dm.set_done_keys(set(keys))
-    assert _collect(dm.predict_dataloader()) == (
-        [],
-        [],
-        8,
-    )  # everything done: one empty batch carries the count
+    everything = ReadPlan(done_keys=frozenset(keys))
+    assert _collect(dm.dataloader(SQUARE_16, everything)) == ([], [], 8)  # one empty batch carries the count
+
+
+def test_originals_and_bytes_travel_only_when_the_plan_asks(tmp_path: Path):
+    make_shards(tmp_path, num_shards=1, per_shard=3, size=8)
+    dm = EmerDiffDataModule(urls=str(tmp_path / "in-000000.tar"), batch_size=3, num_workers=0)
+    (plain,) = dm.dataloader(SQUARE_16)
+    assert plain["original"] == plain["original_bytes"] == [None] * 3
+    assert plain["original_size"].tolist() == [[8, 8], [8, 12], [8, 16]]  # the size travels always
+    (kept,) = dm.dataloader(SQUARE_16, ReadPlan(keep_bytes=True, keep_originals=True))
+    assert [tuple(o.shape) for o in kept["original"]] == [(8, 8, 3), (8, 12, 3), (8, 16, 3)]
+    assert all(data.startswith(b"\xff\xd8") for data in kept["original_bytes"])
 
 
 # ---- decoding -----------------------------------------------------------------------------------------------------
@@ -121,16 +126,12 @@ def test_done_keys_are_skipped_and_counted(tmp_path: Path):
 
 def test_bad_inputs_are_failures_and_good_ones_keep_their_size(mixed_shards: dict):
     dm = EmerDiffDataModule(
-        urls=mixed_shards["urls"],
-        resolution=16,
-        batch_size=3,
-        num_workers=0,
-        max_pixels=MIXED_MAX_PIXELS,
-        resize="square",  # one model input shape for every image (keep_aspect buckets: tests/test_aspect.py)
+        urls=mixed_shards["urls"], batch_size=3, num_workers=0, max_pixels=MIXED_MAX_PIXELS
     )
     sizes: dict[str, tuple[int, int]] = {}
     failures = []
-    for batch in dm.predict_dataloader():
+    # square: one model input shape for every image (keep_aspect buckets: tests/test_aspect.py)
+    for batch in dm.dataloader(SQUARE_16, ReadPlan(keep_originals=True)):
         assert (
             batch["image"].shape == (len(batch["key"]), 3, 16, 16) and batch["image"].dtype == torch.float32
         )
@@ -212,8 +213,8 @@ def test_adding_a_file_never_changes_another_files_key(image_folder: dict):
 
 
 def test_folder_input_yields_every_image_once(image_folder: dict):
-    dm = EmerDiffDataModule(folder=str(image_folder["root"]), resolution=16, batch_size=4, num_workers=2)
-    keys, failures, _ = _collect(dm.predict_dataloader())
+    dm = EmerDiffDataModule(folder=str(image_folder["root"]), batch_size=4, num_workers=2)
+    keys, failures, _ = _collect(dm.dataloader(SQUARE_16))
     assert sorted(keys) == sorted(k for k, _ in list_folder(image_folder["root"]))
     # the one visible file without an image extension is recorded, not silently dropped
     assert [(Path(f["url"]).name, "not an image file" in f["reason"]) for f in failures] == [
@@ -233,8 +234,8 @@ def test_input_errors_name_the_bad_input(tmp_path: Path):
 def test_sample_with_dotted_fields_uses_its_image_member(tmp_path: Path):
     image = encode(Image.fromarray(random_rgb(9, 7)), "PNG")
     write_tar(tmp_path / "x.tar", [("k", {"meta.json": b"{}", "input.png": image})])
-    dm = EmerDiffDataModule(urls=str(tmp_path / "x.tar"), resolution=16, num_workers=0)
-    batch = next(iter(dm.predict_dataloader()))
+    dm = EmerDiffDataModule(urls=str(tmp_path / "x.tar"), num_workers=0)
+    batch = next(iter(dm.dataloader(SQUARE_16)))
     assert batch["key"] == ["k"] and batch["original_size"].tolist() == [[9, 7]]
 
 
@@ -261,7 +262,7 @@ def test_image_member_is_found_next_to_label_maps(tmp_path: Path):
         ("only_labels", {"gt.png": label, "mask.png": label}),
     ]
     write_tar(tmp_path / "x.tar", samples)
-    dm = EmerDiffDataModule(urls=str(tmp_path / "x.tar"), resolution=16, num_workers=0, batch_size=4)
-    batch = next(iter(dm.predict_dataloader()))
+    dm = EmerDiffDataModule(urls=str(tmp_path / "x.tar"), num_workers=0, batch_size=4)
+    batch = next(iter(dm.dataloader(SQUARE_16)))
     assert batch["key"] == ["gt_first", "compound"] and batch["original_size"].tolist() == [[9, 7], [9, 7]]
     assert [f["key"] for f in batch["failures"]] == ["only_labels"]

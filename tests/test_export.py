@@ -24,7 +24,7 @@ def predict(output_dir: Path, urls: list[str], include_image: bool) -> None:
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, callbacks=[writer]
     )
-    data = EmerDiffDataModule(urls=urls, resolution=32, batch_size=2, num_workers=0)
+    data = EmerDiffDataModule(urls=urls, batch_size=2, num_workers=0)
     trainer.predict(ColourQuantizer(), datamodule=data, return_predictions=False)
 
 

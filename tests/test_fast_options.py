@@ -13,7 +13,7 @@ import torch._dynamo
 from conftest import FAST_SEGMENTER, smooth_images
 from torch._dynamo.utils import counters
 
-from emerdiff_pl import EmerDiffSegmenter
+from emerdiff_pl import EmerDiffSegmenter, method
 from emerdiff_pl.backbone import load_taesd, tiny_random_components, tiny_random_taesd
 
 FAST = {**FAST_SEGMENTER, "num_masks": 3}
@@ -93,7 +93,7 @@ def test_bad_decoder_settings_are_clear_errors(tmp_path):
         ValueError, match=r"upsampling ×8, but the backbone's VAE has 4-channel latents at ×2"
     ):
         EmerDiffSegmenter(**FAST, decoder="taesd", taesd_model="sd14-arch").configure_model()
-    with pytest.raises(ValueError, match="decoder must be vae, taesd or latent"):
+    with pytest.raises(ValueError, match="model.decoder must be one of vae, taesd, latent"):
         EmerDiffSegmenter(**FAST, decoder="tiny")
 
 
@@ -123,7 +123,7 @@ def test_compiled_unet_traces_one_graph_for_every_step(vae_labels, monkeypatch):
 
 
 def test_auto_branch_rows_caps_at_saturation_and_fits_free_memory():
-    from emerdiff_pl.segmenter import auto_branch_rows
+    from emerdiff_pl.runtime import auto_branch_rows
 
     assert auto_branch_rows(140e9, 512) == 16  # plenty of memory: the measured saturation point
     assert auto_branch_rows(140e9, 256) == 64  # the cap scales with the area
@@ -157,10 +157,10 @@ def test_latent_decoder_maps_are_the_latent_difference_norms():
     seen = []
     decode = model.decode
     model.decode = lambda z, chunk: seen.append(z.clone()) or decode(z, chunk)
-    x0 = model.encode(images)
-    trajectory, features = model.reference_pass(x0, [0], "qk")
-    lowres, _ = model.lowres_masks(features, [0], tuple(x0.shape[-2:]))
-    maps = model.difference_maps(trajectory, lowres)
+    x0, frozen = model.encode(images), model.frozen_model()
+    trajectory, features = method.reference_pass(frozen, x0, [0], model.config, "qk")
+    lowres, _ = method.lowres_masks(features, [0], tuple(x0.shape[-2:]), model.config)
+    maps = method.difference_maps(frozen, trajectory, lowres, model.config)
     z = torch.cat(seen)
     up = torch.nn.functional.interpolate(z, scale_factor=2, mode="bilinear", align_corners=False)
     torch.testing.assert_close(maps[0], (up[0::2] - up[1::2]).norm(dim=1))
@@ -202,11 +202,11 @@ def test_shipped_toy_taesd_loads_by_name_and_matches_the_toy_vae():
 
 @needs_toy_taesd
 def test_shipped_toy_taesd_passes_the_config_checks():
-    from emerdiff_pl.validation import check_model
+    from emerdiff_pl.validation import check_model_settings
 
     base = {"pretrained": "toyworld-ldm", "resolution": 128, "decoder": "taesd"}
-    check_model({**base, "taesd_model": "toyworld-taesd"})  # no error
+    check_model_settings({**base, "taesd_model": "toyworld-taesd"})  # no error
     from emerdiff_pl.validation import UserError
 
     with pytest.raises(UserError, match="not an AutoencoderTiny folder"):
-        check_model({**base, "taesd_model": "toyworld-no-such-taesd"})
+        check_model_settings({**base, "taesd_model": "toyworld-no-such-taesd"})

@@ -14,7 +14,8 @@ from PIL import Image
 
 from emerdiff_pl import cli
 from emerdiff_pl.progress import ImageProgressBar, InputCount, count_tar_samples, format_rate
-from emerdiff_pl.validation import UserError, check_model
+from emerdiff_pl.validation import UserError, check_model_settings
+from emerdiff_pl.writer import WriterCounts
 
 TINY = str(REPO / "configs" / "tiny.yaml")
 
@@ -125,13 +126,19 @@ def test_user_mistakes_exit_2_with_one_clear_message(tmp_path: Path, image_folde
 
 def test_tiny_random_layer_grid_matches_the_backbone():
     layer = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"  # 8×8 at 64² (tiny_random_components)
-    check_model({"pretrained": "tiny-random", "resolution": 64, "num_masks": 64, "feature_layer": layer})
+    check_model_settings(
+        {"pretrained": "tiny-random", "resolution": 64, "num_masks": 64, "feature_layer": layer}
+    )
     with pytest.raises(UserError, match="8×8 = 64"):
-        check_model({"pretrained": "tiny-random", "resolution": 64, "num_masks": 65, "feature_layer": layer})
+        check_model_settings(
+            {"pretrained": "tiny-random", "resolution": 64, "num_masks": 65, "feature_layer": layer}
+        )
     shipped = "up_blocks.2.attentions.0.transformer_blocks.0.attn2"  # configs/toyworld.yaml: 16×16 at 128²
-    check_model({"pretrained": "toyworld-ldm", "resolution": 128, "num_masks": 256, "feature_layer": shipped})
+    check_model_settings(
+        {"pretrained": "toyworld-ldm", "resolution": 128, "num_masks": 256, "feature_layer": shipped}
+    )
     with pytest.raises(UserError, match="16×16 = 256"):
-        check_model(
+        check_model_settings(
             {"pretrained": "toyworld-ldm", "resolution": 128, "num_masks": 257, "feature_layer": shipped}
         )
 
@@ -157,12 +164,15 @@ def test_a_run_that_fails_before_its_first_sample_writes_no_config(tmp_path: Pat
 
 class _Counts:
     def __init__(self, done: int, skipped: int = 0, failed: int = 0):
-        self.done, self.skipped, self.failed = done, skipped, failed
+        self._counts = WriterCounts(done, skipped, 0, failed)
+
+    def counts(self) -> WriterCounts:
+        return self._counts
 
 
 def test_progress_line_shows_done_of_total_seconds_per_image_and_eta():
     bar = ImageProgressBar()
-    bar._writer, bar.count = _Counts(done=3, failed=1), InputCount(10, True, True)
+    bar._writer, bar.count = _Counts(done=3, failed=1), InputCount(10, True)
     bar._start, bar._last_done_at = 0.001, 8.0
     line = bar.line(now=8.0)  # 3 labelled in 8 s
     assert "4/10 images (40%)" in line and "2.7 s/image" in line and "ETA 16s" in line and "1 failed" in line
@@ -170,7 +180,7 @@ def test_progress_line_shows_done_of_total_seconds_per_image_and_eta():
     later = bar.line(now=14.0)  # a batch running for 6 s: the rate stays, the ETA counts down
     assert "batch of 4 running 6s" in later and "2.7 s/image" in later and "ETA 10s" in later
     assert format_rate(0.25) == "4.0 images/s" and format_rate(2.0) == "2.0 s/image"
-    bar.count = InputCount(None, False, True)
+    bar.count = InputCount(None, False)
     assert bar.line(now=8.0).startswith("4 images ·")
 
 
@@ -231,16 +241,14 @@ def test_top_level_help_lists_convert_toyworld_and_the_global_flags(capsys):
 
 
 def test_every_model_option_has_help_and_no_help_cites_a_file_outside_the_project(capsys):
-    from emerdiff_pl.segmenter import EmerDiffSegmenter
+    import dataclasses
+
+    from emerdiff_pl.config import EmerDiffConfig
 
     with pytest.raises(SystemExit):
         cli.cli_main(["predict", "--help"])
     text = capsys.readouterr().out
-    import inspect
-
-    for name in inspect.signature(EmerDiffSegmenter.__init__).parameters:
-        if name == "self":
-            continue
+    for name in (spec.name for spec in dataclasses.fields(EmerDiffConfig)):
         start = text.index(f"--model.{name} ")
         block = text[start : text.index("\n  --", start + 1)]
         words = block.split("\n", 1)[1] if "\n" in block else block
@@ -272,3 +280,46 @@ def test_readme_folder_recipe_gives_a_sheet_with_the_image_column(
     with Image.open(sheet) as with_images, Image.open(bare) as without:
         assert with_images.size == without.size
         assert not np.array_equal(np.asarray(with_images), np.asarray(without))  # the image column is filled
+
+
+def _bar_total(out: Path, model, **data) -> tuple[int | None, int]:
+    """(the progress bar's total, its position at the end) of a plain-Python predict run into ``out``."""
+    import io
+
+    import lightning.pytorch as pl
+
+    from emerdiff_pl.data import EmerDiffDataModule
+    from emerdiff_pl.writer import PseudoLabelWriter
+
+    bar = ImageProgressBar(stream=io.StringIO(), is_tty=False)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[PseudoLabelWriter(str(out)), bar])
+    trainer.predict(model, datamodule=EmerDiffDataModule(num_workers=0, **data), return_predictions=False)
+    assert bar.count.exact
+    return bar.count.total, bar.position()
+
+
+@pytest.mark.parametrize("kind", ["folder", "shards"])
+def test_progress_total_leaves_out_inputs_earlier_runs_finished_or_recorded_as_failures(
+    tmp_path: Path, kind: str
+):
+    from conftest import ColourQuantizer, encode, random_rgb
+
+    def add_images(*names: str) -> None:
+        for name in names:
+            (tmp_path / "in" / f"{name}.png").write_bytes(encode(Image.fromarray(random_rgb(8, 8)), "PNG"))
+
+    if kind == "shards":
+        make_shards(tmp_path / "in", num_shards=2, per_shard=3, size=8)
+        first, both = {"urls": str(tmp_path / "in" / "in-000000.tar")}, {"urls": str(tmp_path / "in")}
+        poison = "s00_001"
+    else:
+        (tmp_path / "in").mkdir()
+        add_images("a", "b", "c")
+        first = both = {"folder": str(tmp_path / "in")}
+        poison = "b_png"
+    out = tmp_path / "out"
+    assert _bar_total(out, ColourQuantizer(poison_key=poison), **first) == (3, 3)  # 2 labelled, 1 failed
+    if kind == "folder":
+        add_images("d", "e", "f")
+    # the earlier run's 2 done inputs and its 1 failure are left out of the total: 3 to go, and the count ends there
+    assert _bar_total(out, ColourQuantizer(poison_key=poison), **both) == (3, 3)

@@ -76,27 +76,24 @@ def test_modulation_is_added_at_the_tm_call_only(model):
     """A hook on the modulated layer sees its output = reference output + c·M_i at the t_m call and exactly the
     reference output at every later call."""
     images = smooth_images(2, seed=3)
-    x0 = model.encode(images)
-    trajectory, features = model.reference_pass(x0, [0, 0], "qk")
-    lowres, _ = model.lowres_masks(features, [0, 0], tuple(x0.shape[-2:]))
-    plan = model.branch_plan(lowres, trajectory)
-    strength = model.hparams.modulation_strength
+    x0, config, frozen = model.encode(images), model.config, model.frozen_model()
+    trajectory, features = method.reference_pass(frozen, x0, [0, 0], config, "qk")
+    lowres, _ = method.lowres_masks(features, [0, 0], tuple(x0.shape[-2:]), config)
+    plan = method.branch_plan(lowres, method.modulated_grid(frozen, trajectory, config), config)
+    strength = config.modulation_strength
     assert set(plan.modulation.unique().tolist()) == {-strength, 0.0, strength}
-    layer = model.hparams.modulated_layer
+    layer = config.modulated_layer
     outputs: list[torch.Tensor] = []
     hook = model.unet.get_submodule(layer).register_forward_hook(
         lambda m, a, out: outputs.append(out.clone())
     )
     try:
-        method.denoise_branches(model.frozen_model(), trajectory, plan.image, plan.modulation, inject=True)
+        method.denoise_branches(frozen, trajectory, plan.image, plan.modulation, inject=True)
     finally:
         hook.remove()
     saved, rows = model.controller.saved, plan.image
     model.controller.clear()
-    assert (
-        len(outputs) == len(trajectory.timesteps)
-        and trajectory.timesteps[0] == model.hparams.modulation_timestep
-    )
+    assert len(outputs) == len(trajectory.timesteps) and trajectory.timesteps[0] == config.modulation_timestep
     for s, out in enumerate(outputs):
         reference = saved[s][layer]
         assert isinstance(reference, CrossOutput)
@@ -121,21 +118,21 @@ def test_features_are_the_queries_of_the_tf_call(feature_timestep):
         t = args[1] if len(args) > 1 else kwargs["timestep"]
         timestep.append(t.reshape(-1).expand(args[0].shape[0]).clone())
 
-    to_q = m.unet.get_submodule(m.hparams.feature_layer).to_q
+    to_q = m.unet.get_submodule(m.config.feature_layer).to_q
     handles = [
         m.unet.register_forward_pre_hook(pre, with_kwargs=True),
         to_q.register_forward_hook(lambda mod, a, out: calls.append((timestep[-1], out.float().clone()))),
     ]
     images = smooth_images(2, seed=4)
     try:
-        _, features = m.reference_pass(m.encode(images), [0, 0], "qk")
+        _, features = method.reference_pass(m.frozen_model(), m.encode(images), [0, 0], m.config, "qk")
     finally:
         for h in handles:
             h.remove()
     at_tf = torch.cat([q[t == feature_timestep] for t, q in calls])
     assert at_tf.shape == features.shape == (2, 64, features.shape[-1])
     torch.testing.assert_close(features, at_tf, atol=0, rtol=0)
-    at_tm = torch.cat([q[t == m.hparams.modulation_timestep] for t, q in calls])
+    at_tm = torch.cat([q[t == m.config.modulation_timestep] for t, q in calls])
     assert (at_tm - features).abs().max() > 1e-3  # the t_m queries are not the same vectors
 
 
@@ -172,8 +169,8 @@ def test_a_wrong_branch_plan_breaks_fast_equals_naive(monkeypatch):
 
 
 def test_an_attention_mask_is_an_error_not_ignored(model):
-    ctl = AttentionController(model.hparams.feature_layer, model.hparams.modulated_layer)
-    layer = model.unet.get_submodule(model.hparams.modulated_layer)
+    ctl = AttentionController(model.config.feature_layer, model.config.modulated_layer)
+    layer = model.unet.get_submodule(model.config.modulated_layer)
     hidden = torch.randn(1, 64, layer.to_q.in_features)
     context = torch.randn(1, 77, layer.to_k.in_features)
     mask = torch.ones(1, 1, 77, dtype=torch.bool)
@@ -191,7 +188,7 @@ def test_an_attention_mask_is_an_error_not_ignored(model):
 
 
 def test_controller_modes_install_and_restore_processors(model):
-    ctl = AttentionController(model.hparams.feature_layer, model.hparams.modulated_layer)
+    ctl = AttentionController(model.config.feature_layer, model.config.modulated_layer)
     before = {name: type(p) for name, p in model.unet.attn_processors.items()}
     with pytest.raises(RuntimeError, match="outside"), ctl.step(0, 1):
         pass
@@ -207,9 +204,9 @@ def test_controller_modes_install_and_restore_processors(model):
             model.call_unet(x, torch.tensor([201, 101]), model.backbone.empty_prompt_embedding())
     assert {name: type(p) for name, p in model.unet.attn_processors.items()} == before
     # records are typed and filed per step, one image each
-    self_attn = model.hparams.modulated_layer.removesuffix("attn2") + "attn1"
+    self_attn = model.config.modulated_layer.removesuffix("attn2") + "attn1"
     assert isinstance(ctl.saved[1][self_attn], QueryKey) and ctl.saved[1][self_attn].query.shape[0] == 1
-    assert isinstance(ctl.saved[0][model.hparams.modulated_layer], CrossOutput)
+    assert isinstance(ctl.saved[0][model.config.modulated_layer], CrossOutput)
     rows = torch.zeros(3, dtype=torch.long)
     modulation = torch.zeros(2, 64)
     with (

@@ -19,7 +19,7 @@ from emerdiff_pl.writer import PseudoLabelWriter
 
 
 def predict(output_dir: Path, include_image: bool, **data) -> None:
-    data = {"resolution": 32, "batch_size": 2, "num_workers": 0, **data}
+    data = {"batch_size": 2, "num_workers": 0, **data}
     writer = PseudoLabelWriter(str(output_dir), include_image=include_image)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, callbacks=[writer]
@@ -92,8 +92,9 @@ class _BytesSpy(pl.Callback):
 def test_input_bytes_travel_in_batches_only_when_the_writer_stores_images(
     tmp_path: Path, varied_inputs: dict, include_image: bool
 ):
-    datamodule = EmerDiffDataModule(urls=varied_inputs["shard"], resolution=32, batch_size=2, num_workers=0)
-    assert datamodule.keep_bytes is False  # a DataModule on its own carries no bytes
+    datamodule = EmerDiffDataModule(urls=varied_inputs["shard"], batch_size=2, num_workers=0)
+    alone = next(iter(datamodule.dataloader(ColourQuantizer().input_policy)))
+    assert alone["original_bytes"] == [None] * len(alone["key"])  # a DataModule on its own carries no bytes
     spy = _BytesSpy()
     writer = PseudoLabelWriter(str(tmp_path / "out"), include_image=include_image)
     trainer = pl.Trainer(

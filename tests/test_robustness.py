@@ -16,13 +16,14 @@ from PIL import Image
 
 from emerdiff_pl.commands.merge import main as merge_main
 from emerdiff_pl.data import EmerDiffDataModule
+from emerdiff_pl.inputs import InputPolicy
 from emerdiff_pl.manifest import TaskLock, lock_path, merge
 from emerdiff_pl.shardio import DEFAULT_MAX_PIXELS
 from emerdiff_pl.writer import PseudoLabelWriter
 
 
 def predict(output_dir: Path, model: ColourQuantizer | None = None, *, overlay: bool = False, **data):
-    data = {"resolution": 32, "batch_size": 2, "num_workers": 0, **data}
+    data = {"batch_size": 2, "num_workers": 0, **data}
     writer = PseudoLabelWriter(str(output_dir), overlay=overlay, samples_per_shard=data.pop("per_shard", 500))
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[writer])
     trainer.predict(
@@ -268,8 +269,8 @@ def test_default_max_pixels_is_bounded_and_documented():
 def test_dataloader_workers_survive_sigterm_to_the_process_group(tmp_path: Path):
     """SLURM signals every process of the job: the workers must leave the shutdown to the main process."""
     keys = make_shards(tmp_path / "in", num_shards=4, per_shard=3, size=8)
-    dm = EmerDiffDataModule(urls=str(tmp_path / "in"), resolution=16, batch_size=1, num_workers=2)
-    loader = iter(dm.predict_dataloader())
+    dm = EmerDiffDataModule(urls=str(tmp_path / "in"), batch_size=1, num_workers=2)
+    loader = iter(dm.dataloader(InputPolicy(16, "square", 16)))
     # batches come from the workers in turn: after two, both have run their worker_init_fn
     seen = [key for _ in range(2) for key in next(loader)["key"]]
     for worker in loader._workers:

@@ -7,10 +7,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST_SEGMENTER, smooth_images
+from conftest import FAST_SEGMENTER, changed_settings, smooth_images
 from diffusers import DDPMScheduler
 
-from emerdiff_pl import EmerDiffSegmenter, method
+from emerdiff_pl import EmerDiffSegmenter, SegmentationResult, method
 from emerdiff_pl.inversion import NoiseSchedule
 
 FAST = FAST_SEGMENTER
@@ -27,8 +27,17 @@ def _trajectory(m: EmerDiffSegmenter, images: torch.Tensor, record: str = "qk"):
     m._ensure_ready()
     m.controller.tokens = {}
     x0 = m.encode(images)
-    trajectory, features = m.reference_pass(x0, [m.hparams.seed] * len(images), record)
-    return trajectory, features
+    return method.reference_pass(m.frozen_model(), x0, [m.config.seed] * len(images), m.config, record)
+
+
+def _lowres(
+    m: EmerDiffSegmenter, trajectory, features, seeds: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return method.lowres_masks(features, seeds, tuple(trajectory.latents.shape[-2:]), m.config)
+
+
+def _maps(m: EmerDiffSegmenter, trajectory, lowres: torch.Tensor) -> torch.Tensor:
+    return method.difference_maps(m.frozen_model(), trajectory, lowres, m.config)
 
 
 def _replay(m: EmerDiffSegmenter, trajectory, inject: bool) -> list[torch.Tensor]:
@@ -62,17 +71,14 @@ def test_unmodulated_run_reproduces_trajectory(model, prediction_type, inject):
 
 def test_zero_strength_makes_every_difference_map_zero(model):
     trajectory, features = _trajectory(model, smooth_images(1))
-    lowres, _ = model.lowres_masks(features, [0], tuple(trajectory.latents.shape[-2:]))
-    model.hparams.modulation_strength = 0.0
-    try:
-        maps = model.difference_maps(trajectory, lowres)
-    finally:
-        model.hparams.modulation_strength = FAST.get("modulation_strength", 10.0)
+    lowres, _ = _lowres(model, trajectory, features, [0])
+    with changed_settings(model, modulation_strength=0.0):
+        maps = _maps(model, trajectory, lowres)
     assert maps.shape == (1, 4, 64, 64)
     assert maps.abs().max().item() < 1e-5
     # and with λ = 10 they are not
     trajectory, _ = _trajectory(model, smooth_images(1))
-    assert model.difference_maps(trajectory, lowres).abs().mean().item() > 1e-3
+    assert _maps(model, trajectory, lowres).abs().mean().item() > 1e-3
 
 
 def test_vectorized_path_equals_per_mask_per_sign_loop():
@@ -89,18 +95,15 @@ def test_vectorized_path_equals_per_mask_per_sign_loop():
 def test_injection_from_cached_qk_equals_explicit_probabilities(model):
     images = smooth_images(1, seed=2)
     trajectory, features = _trajectory(model, images, record="qk")
-    lowres, _ = model.lowres_masks(features, [0], tuple(trajectory.latents.shape[-2:]))
-    from_qk = model.difference_maps(trajectory, lowres)
+    lowres, _ = _lowres(model, trajectory, features, [0])
+    from_qk = _maps(model, trajectory, lowres)
     trajectory, _ = _trajectory(model, images, record="probs")
-    from_probs = model.difference_maps(trajectory, lowres)
+    from_probs = _maps(model, trajectory, lowres)
     torch.testing.assert_close(from_qk, from_probs, atol=1e-4, rtol=1e-3)
     # injection is not a no-op: without it the maps differ
-    model.hparams.attention_injection = False
-    try:
+    with changed_settings(model, attention_injection=False):
         trajectory, _ = _trajectory(model, images, record="none")
-        plain = model.difference_maps(trajectory, lowres)
-    finally:
-        model.hparams.attention_injection = True
+        plain = _maps(model, trajectory, lowres)
     assert (plain - from_qk).abs().max().item() > 1e-3
 
 
@@ -111,11 +114,8 @@ def test_batch_and_chunk_size_do_not_change_labels(model):
         alone = model.segment(images[i : i + 1])
         assert torch.equal(alone.labels[0], together.labels[i])
         assert torch.equal(alone.lowres_labels[0], together.lowres_labels[i])
-    model.hparams.max_branch_batch = 2
-    try:
+    with changed_settings(model, max_branch_batch=2):
         chunked = model.segment(images)
-    finally:
-        model.hparams.max_branch_batch = "auto"
     assert torch.equal(chunked.labels, together.labels)
 
 
@@ -134,7 +134,7 @@ def test_outputs_have_input_size_and_valid_ids(model):
 
 def test_mask_embeddings_are_mask_means(model):
     trajectory, features = _trajectory(model, smooth_images(1, seed=5))
-    lowres, embeddings = model.lowres_masks(features, [0], tuple(trajectory.latents.shape[-2:]))
+    lowres, embeddings = _lowres(model, trajectory, features, [0])
     flat = lowres.flatten(1)
     for k in range(4):
         torch.testing.assert_close(embeddings[0, k], features[0][flat[0] == k].mean(0))
@@ -235,20 +235,20 @@ def test_prefix_modules_are_the_outermost_calls_finished_before_the_layer():
 def test_tm_call_runs_the_prefix_once_per_image_with_the_same_maps(model):
     images = smooth_images(2, seed=5)
     trajectory, features = _trajectory(model, images)
-    lowres, _ = model.lowres_masks(features, [0, 0], tuple(trajectory.latents.shape[-2:]))
+    lowres, _ = _lowres(model, trajectory, features, [0, 0])
     names = list(model.prefix.modules)
     assert {"conv_in", "down_blocks.0", "mid_block", "up_blocks.0"} <= set(names)
-    assert names[-1] == model.hparams.modulated_layer.removesuffix("attn2") + "norm2"
+    assert names[-1] == model.config.modulated_layer.removesuffix("attn2") + "norm2"
     seen: list[int] = []
     hook = model.unet.conv_in.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
     try:
-        shared = model.difference_maps(trajectory, lowres)
-        rows = 2 * 2 * model.hparams.num_masks
+        shared = _maps(model, trajectory, lowres)
+        rows = 2 * 2 * model.config.num_masks
         assert seen == [2] + [rows] * (len(trajectory.timesteps) - 1)  # t_m: one row per image
         model.prefix.remove()
         trajectory, _ = _trajectory(model, images)  # _difference_maps consumed the records
         seen.clear()
-        plain = model.difference_maps(trajectory, lowres)
+        plain = _maps(model, trajectory, lowres)
         assert seen == [rows] * len(trajectory.timesteps)
     finally:
         hook.remove()
@@ -261,7 +261,6 @@ def test_reference_steps_in_one_batch_equal_one_call_per_step(model, monkeypatch
     images = smooth_images(2, seed=10)
     runs = {}
     for rows in (2, "auto"):  # 2 rows per call: one step of the 2 images per call; auto: every step at once
-        model.hparams.max_branch_batch = rows
         calls: list[int] = []
         real_unet = model.call_unet
         monkeypatch.setattr(
@@ -270,9 +269,9 @@ def test_reference_steps_in_one_batch_equal_one_call_per_step(model, monkeypatch
             lambda x, t, emb, calls=calls, real=real_unet: calls.append(len(x)) or real(x, t, emb),
         )
         try:
-            trajectory, features = _trajectory(model, images)
+            with changed_settings(model, max_branch_batch=rows):
+                trajectory, features = _trajectory(model, images)
         finally:
-            model.hparams.max_branch_batch = "auto"
             monkeypatch.undo()
         runs[rows] = (calls, trajectory, features, {s: dict(r) for s, r in model.controller.saved.items()})
     steps = len(runs[2][1].timesteps)
@@ -309,3 +308,26 @@ def test_out_of_memory_in_the_reference_pass_halves_the_steps_per_call(model, mo
     steps = len(model.timesteps)
     assert sizes[:2] == [steps, steps // 2] and sizes.count(1) >= steps
     assert torch.equal(result.labels, expected.labels)
+
+
+def test_predict_step_resizes_labels_back_where_nearest_exact_puts_them(model, monkeypatch):
+    """At a non-integer scale (64 → 37 rows, 64 → 45 columns) output pixel (y, x) takes the model-size label at
+    (⌊(y + ½)·64/37⌋, ⌊(x + ½)·64/45⌋), the label under its centre; `nearest` (⌊y·64/37⌋) is off by one in places."""
+    model_labels = torch.arange(64 * 64).view(1, 64, 64)  # every model-size pixel its own label
+    monkeypatch.setattr(
+        model,
+        "segment",
+        lambda images, **kwargs: SegmentationResult(model_labels, torch.zeros(1, 8, 8), torch.zeros(1, 4, 3)),
+    )
+    batch = {
+        "image": torch.zeros(1, 3, 64, 64),
+        "original": [None],
+        "original_size": torch.tensor([[37, 45]]),
+        "key": ["k"],
+        "url": ["u"],
+        "failures": [],
+    }
+    (labels,) = model.predict_step(batch)["labels"]
+    rows = ((torch.arange(37) + 0.5) * 64 / 37).floor().long()
+    cols = ((torch.arange(45) + 0.5) * 64 / 45).floor().long()
+    assert labels.shape == (37, 45) and torch.equal(labels, model_labels[0][rows][:, cols])

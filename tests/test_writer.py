@@ -10,7 +10,8 @@ import pytest
 from conftest import MIXED_MAX_PIXELS, ColourQuantizer, make_shards, read_output
 
 from emerdiff_pl.commands.merge import main as merge_main
-from emerdiff_pl.data import EmerDiffDataModule, model_input_size
+from emerdiff_pl.data import EmerDiffDataModule
+from emerdiff_pl.inputs import InputPolicy
 from emerdiff_pl.manifest import SHARD_PATTERN, finished_keys, merge
 from emerdiff_pl.writer import PseudoLabelWriter
 
@@ -23,7 +24,7 @@ def predict(
     overlay: bool = False,
     **data,
 ) -> PseudoLabelWriter:
-    data = {"resolution": 32, "batch_size": 2, "num_workers": 0, **data}
+    data = {"batch_size": 2, "num_workers": 0, **data}
     writer = PseudoLabelWriter(str(output_dir), samples_per_shard=samples_per_shard, overlay=overlay)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, callbacks=[writer]
@@ -43,8 +44,8 @@ def test_every_good_key_is_written_once_with_labels_at_original_size(tmp_path: P
         key = sample["__key__"]
         assert sample["seg.png"].shape == mixed_shards["good"][key] and sample["seg.png"].dtype == np.uint8
         assert sample["seg.png"].max() < 5
-        model_h, model_w = model_input_size(*mixed_shards["good"][key], 32, "keep_aspect", 64)
-        assert sample["lowres.png"].shape == (model_h // 8, model_w // 8)  # the DataModule's default resize
+        model_h, model_w = InputPolicy(32, "keep_aspect", 64).model_input_size(*mixed_shards["good"][key])
+        assert sample["lowres.png"].shape == (model_h // 8, model_w // 8)  # the model's input policy
         assert sample["emb.npy"].shape == (5, 3) and sample["emb.npy"].dtype == np.float16
         meta = sample["json"]
         assert meta["original_size"] == list(mixed_shards["good"][key])
@@ -97,7 +98,7 @@ def test_interrupted_run_keeps_complete_samples_and_rerun_finishes(tmp_path: Pat
     trainer = pl.Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[writer, _CrashAfterBatch()]
     )
-    data = EmerDiffDataModule(urls=urls, resolution=32, batch_size=2, num_workers=0)
+    data = EmerDiffDataModule(urls=urls, batch_size=2, num_workers=0)
     with pytest.raises(RuntimeError, match="planned failure"):
         trainer.predict(ColourQuantizer(), datamodule=data, return_predictions=False)
     first = read_output(out)
@@ -194,9 +195,7 @@ def test_sigterm_closes_the_open_shard_and_exits(tmp_path: Path):
     trainer = pl.Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[writer, _SigtermAfterBatch()]
     )
-    data = EmerDiffDataModule(
-        urls=str(tmp_path / "in" / "in-000000.tar"), resolution=32, batch_size=2, num_workers=0
-    )
+    data = EmerDiffDataModule(urls=str(tmp_path / "in" / "in-000000.tar"), batch_size=2, num_workers=0)
     with pytest.raises(SystemExit) as exit_info:
         trainer.predict(ColourQuantizer(), datamodule=data, return_predictions=False)
     assert exit_info.value.code == 143
@@ -307,7 +306,7 @@ def test_error_encoding_the_second_field_publishes_no_torn_sample(
     assert (again.done, again.skipped, again.skipped_failed) == (0, 3, 1)
     writer = PseudoLabelWriter(str(out), retry_failures=True)  # ... unless asked
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[writer])
-    data = EmerDiffDataModule(urls=urls, resolution=32, batch_size=2, num_workers=0)
+    data = EmerDiffDataModule(urls=urls, batch_size=2, num_workers=0)
     trainer.predict(ColourQuantizer(), datamodule=data, return_predictions=False)
     assert writer.done == 1 and sorted(read_output(out)["keys"]) == sorted(keys)
 
@@ -331,3 +330,35 @@ def test_error_while_writing_a_sample_drops_the_torn_shard(tmp_path: Path, monke
     result = read_output(out)
     assert result["shards"] == [] and result["temp"] == [] and result["summaries"]
     assert predict(out, urls=urls).done == len(keys)
+
+
+def _field_paths(value: object, prefix: str = "") -> set[str]:
+    """Every key path of a JSON document (``timings.batch.reference_s``, ...)."""
+    if not isinstance(value, dict):
+        return set()
+    return {f"{prefix}{k}" for k in value} | {
+        path for k, v in value.items() for path in _field_paths(v, f"{prefix}{k}.")
+    }
+
+
+def test_a_retried_images_json_has_the_fields_of_its_batch_mates(tmp_path: Path):
+    keys = make_shards(tmp_path / "in", num_shards=1, per_shard=6, size=8)
+    out = tmp_path / "out"
+    predict(out, ColourQuantizer(crash_key=keys[3]), urls=str(tmp_path / "in" / "in-000000.tar"))
+    meta = {s["__key__"]: s["json"] for s in read_output(out)["samples"]}
+    retried, whole = meta[keys[2]], meta[keys[0]]  # keys[2] shared its batch with the crash; keys[0] did not
+    assert retried["timings"]["batch_size"] == 1 and whole["timings"]["batch_size"] == 2
+    assert _field_paths(retried) == _field_paths(whole)
+    assert retried["model_size"] == whole["model_size"] and "quantize_s" in retried["timings"]["batch"]
+
+
+def test_plain_python_predict_takes_the_models_input_policy_and_the_writers_plan(tmp_path: Path):
+    """No CLI: the DataModule has no size of its own, so the model's policy decides the batches, and a rerun
+    skips what the writer's output folder holds."""
+    keys = make_shards(tmp_path / "in", num_shards=1, per_shard=4, size=8)
+    urls = str(tmp_path / "in" / "in-000000.tar")
+    predict(tmp_path / "out", ColourQuantizer(resolution=16), urls=urls)
+    sample = read_output(tmp_path / "out")["samples"][0]
+    assert sample["json"]["model_size"] == [16, 16] and sample["lowres.png"].shape == (2, 2)
+    again = predict(tmp_path / "out", ColourQuantizer(resolution=16), urls=urls)
+    assert (again.done, again.skipped) == (0, len(keys))

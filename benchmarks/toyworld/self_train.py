@@ -61,12 +61,8 @@ def predict(
     from emerdiff_pl.writer import PseudoLabelWriter
 
     model = EmerDiffSegmenter(**{**settings, "method": method})
-    # data.resize / resize_multiple follow the model's, as the predict CLI links them (the DataModule's
-    # defaults where a config leaves them out)
-    linked = {name: settings[name] for name in ("resize", "resize_multiple") if name in settings}
-    data = EmerDiffDataModule(
-        urls=urls, resolution=settings["resolution"], batch_size=batch_size, num_workers=0, **linked
-    )
+    # no resize of its own: the DataModule batches by the model's input policy
+    data = EmerDiffDataModule(urls=urls, batch_size=batch_size, num_workers=0)
     writer = PseudoLabelWriter(str(out), samples_per_shard=10_000)
     trainer = pl.Trainer(
         accelerator=device,

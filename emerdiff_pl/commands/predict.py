@@ -3,13 +3,14 @@
 ``emerdiff-pl predict --config configs/<name>.yaml [--model.* ...] [--data.* ...] [--writer.* ...]`` labels images
 with :class:`~emerdiff_pl.segmenter.EmerDiffSegmenter` from :class:`~emerdiff_pl.data.EmerDiffDataModule` and
 stores them with the :class:`~emerdiff_pl.writer.PseudoLabelWriter` callback (its arguments are the ``writer:``
-group). The parsed config is checked (:mod:`emerdiff_pl.validation`) before any class is built or any weight is
-loaded; progress is counted in images (:mod:`emerdiff_pl.progress`).
+group). The ``model:`` group is the fields of :class:`~emerdiff_pl.config.EmerDiffConfig`, flat; the DataModule
+takes its input size from the model and its resume state from the writer when the Trainer asks for the loader.
+The parsed config is checked (:mod:`emerdiff_pl.validation`) before any class is built or any weight is loaded;
+progress is counted in images (:mod:`emerdiff_pl.progress`).
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import warnings
@@ -76,10 +77,6 @@ from emerdiff_pl.writer import PseudoLabelWriter  # noqa: E402
 quiet_dependencies()  # again: importing Lightning set its loggers back to INFO
 
 
-def _writer_of(trainer: Trainer) -> PseudoLabelWriter | None:
-    return next((cb for cb in trainer.callbacks if isinstance(cb, PseudoLabelWriter)), None)
-
-
 class SaveConfigToOutput(SaveConfigCallback):
     """Saves the resolved config as ``<writer.output_dir>/config-<tag>.yaml`` once the run has labelled its first
     image (or finished with nothing left to do): one file per task and attempt, next to its shards, and none for
@@ -91,7 +88,7 @@ class SaveConfigToOutput(SaveConfigCallback):
     def on_predict_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any
     ) -> None:
-        writer = _writer_of(trainer)
+        writer = PseudoLabelWriter.of(trainer)
         if writer is not None and writer.done > 0:  # a batch of failures only is no result yet
             self._save_once(trainer, pl_module)
 
@@ -104,7 +101,7 @@ class SaveConfigToOutput(SaveConfigCallback):
         self.already_saved = True
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        writer = _writer_of(trainer)
+        writer = PseudoLabelWriter.of(trainer)
         if writer is None:
             return
         tag = writer.resolve_tag(trainer)
@@ -114,8 +111,8 @@ class SaveConfigToOutput(SaveConfigCallback):
 
 
 class EmerDiffCLI(LightningCLI):
-    """LightningCLI with the ``predict`` subcommand only, the writer as the ``writer:`` group, ``data.resolution``
-    (and ``data.resize``, ``data.resize_multiple``) following the model's, the config checked before anything is built, and progress in images."""
+    """LightningCLI with the ``predict`` subcommand only, the writer as the ``writer:`` group, the config checked
+    before anything is built, and progress in images."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -123,12 +120,6 @@ class EmerDiffCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(PseudoLabelWriter, "writer")
-        parser.link_arguments("model.resolution", "data.resolution")
-        # data.resize / resize_multiple follow the model's where the model has them (test stand-ins may not)
-        params = inspect.signature(self.model_class.__init__).parameters
-        for name in ("resize", "resize_multiple"):
-            if name in params:
-                parser.link_arguments(f"model.{name}", f"data.{name}")
 
     def before_instantiate_classes(self) -> None:
         """Check inputs, output folder, accelerator and model layers from the parsed config (seconds), before
