@@ -214,7 +214,8 @@ class ColourQuantizer(pl.LightningModule):
         delay: seconds to sleep per image (to kill a run mid-way).
         fail_at_batch: raise RuntimeError at this batch index and every later one (a broken device).
         poison_key: the sample with this key gets labels that no PNG can hold (a per-sample output error).
-        hold_file: from the 4th batch on, wait while this file exists (a test decides when the run goes on).
+        hold_file: from the 4th batch on, wait while this file exists and no SIGTERM came (a test decides when
+            the run goes on); ``<hold_file>.held`` appears when the wait starts.
         crash_key: raise RuntimeError for any batch that holds this key (an input the model cannot segment).
     """
 
@@ -247,8 +248,11 @@ class ColourQuantizer(pl.LightningModule):
             raise RuntimeError(f"planned failure at batch {batch_idx}")
         if self.hparams.crash_key and self.hparams.crash_key in batch["key"]:
             raise RuntimeError(f"cannot segment {self.hparams.crash_key}")
-        while batch_idx >= 3 and self.hparams.hold_file and os.path.exists(self.hparams.hold_file):
-            time.sleep(0.05)
+        if batch_idx >= 3 and self.hparams.hold_file and os.path.exists(self.hparams.hold_file):
+            # the event a test waits for: batches 0-2 are in the writer's shards now
+            Path(self.hparams.hold_file + ".held").touch()
+            while os.path.exists(self.hparams.hold_file) and not self.trainer.received_sigterm:
+                time.sleep(0.05)
         k = self.hparams.num_masks
         images = batch["image"]
         time.sleep(self.hparams.delay * len(images))

@@ -32,6 +32,9 @@ def predict(output_dir: Path, model: ColourQuantizer | None = None, *, overlay: 
     return writer
 
 
+HANG = 900  # seconds after which a wait that an event should end counts as a hang
+
+
 def _wait_for(condition, timeout: float, what: str) -> None:
     end = time.monotonic() + timeout
     while not condition():
@@ -47,6 +50,8 @@ def _wait_for(condition, timeout: float, what: str) -> None:
 def test_second_start_of_a_running_task_is_refused_and_sigterm_to_the_group_exits_143(
     tmp_path: Path, fake_cli: Path
 ):
+    """Every wait ends on an event of the processes (a file the first run writes, a process exit), never on a
+    sleep; the timeouts only bound a hang (a loaded machine is slower, not wrong)."""
     keys = make_shards(tmp_path / "in", num_shards=3, per_shard=4, size=8)
     out = tmp_path / "out"
     command = ["python", str(fake_cli), "predict", "--data.urls", str(tmp_path / "in" / "in-{000000..000002}.tar"),
@@ -56,19 +61,20 @@ def test_second_start_of_a_running_task_is_refused_and_sigterm_to_the_group_exit
     hold.touch()
     first = spawn([*command, "--model.hold_file", str(hold)])  # labels 3 images, then waits for the test
     try:
+        held = Path(f"{hold}.held")  # written by the first run once batches 0-2 are in its shards
         _wait_for(
-            lambda: list(out.glob("*.tar")) and list(out.glob(".*.tar.tmp")), 240, "the first run's shards"
+            lambda: held.exists() or first.poll() is not None, HANG, "the first run to hold its 4th batch"
         )
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        assert len(list(out.glob("*.tar"))) == 1  # batches 0-1: a finished shard; batch 2: the open one
         (open_shard,) = out.glob(".*.tar.tmp")
         second = spawn(command)  # a resubmit while the first still runs
-        _, err = second.communicate(timeout=240)
+        _, err = second.communicate(timeout=HANG)
         assert second.returncode != 0 and "already running" in err, err[-2000:]
         assert f"pid {first.pid}" in err  # the message names the owner
         assert open_shard.exists()  # the second start deleted nothing of the live run
         os.killpg(first.pid, signal.SIGTERM)  # what scancel / preemption send: workers get it too
-        time.sleep(1.0)
-        hold.unlink()
-        _, err = first.communicate(timeout=120)
+        _, err = first.communicate(timeout=HANG)  # the held batch ends on the SIGTERM: no sleep, no race
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
@@ -77,7 +83,7 @@ def test_second_start_of_a_running_task_is_refused_and_sigterm_to_the_group_exit
     stopped = read_output(out)
     assert stopped["temp"] == [] and stopped["summaries"][0]["status"].startswith("interrupted")
     assert 0 < len(stopped["keys"]) < len(keys) and len(stopped["keys"]) == len(set(stopped["keys"]))
-    run(command)  # the rerun finishes the task (the lock of the dead run does not block)
+    run(command, timeout=HANG)  # the rerun finishes the task (the lock of the dead run does not block)
     final = read_output(out)
     assert sorted(final["keys"]) == sorted(keys) and len(final["keys"]) == len(keys)
     assert merge(out)["unfinished_array_tasks"] == []
