@@ -23,19 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from emerdiff_pl.shardio import (
-    DEFAULT_MAX_PIXELS,
-    IMAGE_EXTENSIONS,
-    ImageDecodeError,
-    decode_image,
-    expand_urls,
-    image_field,
-    is_image_file,
-    iter_tar,
-    list_folder,
-    safe_key,
-    to_rgb,
-)
+from emerdiff_pl.codec import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, image_field, to_rgb
+from emerdiff_pl.fields import IMAGE_EXTENSIONS, is_image_file
+from emerdiff_pl.paths import expand_urls, list_folder, safe_key
+from emerdiff_pl.shardio import iter_tar
 
 # --------------------------------------------------------------------------------------------------------------
 # splitting
@@ -77,9 +68,6 @@ def deal(items: Sequence[Any], index: int, count: int) -> list[Any]:
 # --------------------------------------------------------------------------------------------------------------
 # inputs
 # --------------------------------------------------------------------------------------------------------------
-
-
-expand_shard_urls = expand_urls  # the earlier name; one expander lives in shardio
 
 
 def ignore_sigterm(worker_id: int) -> None:
@@ -506,7 +494,6 @@ __all__ = [
     "array_task",
     "decode_image",
     "deal",
-    "expand_shard_urls",
     "expand_urls",
     "ignore_sigterm",
     "is_image_file",

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from conftest import FAST_SEGMENTER, encode, random_rgb
 from PIL import Image
 
-from emerdiff_pl import EmerDiffSegmenter, cli, method
+from emerdiff_pl import EmerDiffSegmenter, method
+from emerdiff_pl.commands.predict import cli_main
 from emerdiff_pl.data import EmerDiffDataModule, ImageStream, list_folder, model_input_size, resize_for_model
 
 # tiny-random needs sides divisible by 16 (VAE ×2, U-Net ×8): at resolution 64 a 2:1 image becomes 48×96
@@ -202,12 +203,12 @@ def test_data_resize_follows_the_model(tmp_path):
     _mixed_folder(tmp_path / "in")
     args = ["--model.pretrained", "tiny-random", "--data.folder", str(tmp_path / "in")]
     args += ["--writer.output_dir", str(tmp_path / "out")]
-    built = cli.cli_main(args, run=False)
+    built = cli_main(args, run=False)
     assert built.model.hparams.resize == built.datamodule.resize == "keep_aspect"
     assert built.model.hparams.resize_multiple == built.datamodule.resize_multiple == 64
-    built = cli.cli_main([*args, "--model.resize", "square", "--model.resize_multiple", "32"], run=False)
+    built = cli_main([*args, "--model.resize", "square", "--model.resize_multiple", "32"], run=False)
     assert built.datamodule.resize == "square" and built.datamodule.resize_multiple == 32
-    built = cli.cli_main([*args, "--model.resize", "short_side"], run=False)
+    built = cli_main([*args, "--model.resize", "short_side"], run=False)
     assert built.model.hparams.resize == built.datamodule.resize == "short_side"
     with pytest.raises(ValueError, match="data.resize"):
         EmerDiffDataModule(folder=str(tmp_path / "in"), resize="stretch")
@@ -272,7 +273,7 @@ def test_predict_records_the_model_input_size(tmp_path, resize):
     for i, (name, (h, w)) in enumerate(sizes.items()):
         (tmp_path / "in" / name).write_bytes(encode(Image.fromarray(random_rgb(h, w, seed=i)), "PNG"))
     out = tmp_path / "out"
-    cli.cli_main(
+    cli_main(
         [
             "predict", "--config", "configs/tiny.yaml", "--data.folder", str(tmp_path / "in"),
             "--data.num_workers", "0", "--writer.output_dir", str(out), "--model.resolution", "32",

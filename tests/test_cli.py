@@ -15,6 +15,7 @@ import yaml
 from conftest import MIXED_MAX_PIXELS, REPO, ColourQuantizer, make_shards, read_output, run, subprocess_env
 
 from emerdiff_pl import cli
+from emerdiff_pl.commands.predict import cli_main
 from emerdiff_pl.data import EmerDiffDataModule
 from emerdiff_pl.segmenter import EmerDiffSegmenter
 from emerdiff_pl.writer import PseudoLabelWriter
@@ -76,7 +77,7 @@ def test_the_four_predict_configs_exist():
 @pytest.mark.parametrize("config_path", CONFIGS, ids=lambda p: p.stem)
 def test_print_config_shows_every_field(config_path: Path, capsys: pytest.CaptureFixture):
     with pytest.raises(SystemExit) as exit_info:
-        cli.cli_main(["predict", "--config", str(config_path), "--print_config"])
+        cli_main(["predict", "--config", str(config_path), "--print_config"])
     assert exit_info.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
     assert set(config["model"]) == _params(EmerDiffSegmenter)
@@ -112,7 +113,7 @@ def test_paper_configs_hold_the_paper_defaults():
 
 
 def test_data_resolution_follows_model_resolution(tmp_path: Path, image_folder: dict):
-    built = cli.cli_main(
+    built = cli_main(
         [
             "--model.pretrained",
             "tiny-random",
@@ -146,7 +147,7 @@ def test_predict_keeps_no_predictions_in_memory_by_default(tmp_path: Path, image
         "--writer.output_dir",
         str(tmp_path / "out"),
     ]  # fmt: skip  (no config file: return_predictions is unset)
-    built = cli.cli_main(args, model_class=ColourQuantizer)
+    built = cli_main(args, model_class=ColourQuantizer)
     assert (
         built.trainer.predict_loop.return_predictions is False
         and built.trainer.predict_loop.predictions == []
@@ -214,7 +215,7 @@ def test_kill_and_resume_gives_every_key_exactly_once(tmp_path: Path, fake_cli: 
     rerun = _fake_predict_args(fake_cli, urls, out, "--data.num_workers", "1")[
         2:
     ]  # same CLI, in this process
-    cli.cli_main(rerun, model_class=ColourQuantizer)
+    cli_main(rerun, model_class=ColourQuantizer)
     assert (
         f"{len(keys) - len(killed['keys'])} labelled, {len(killed['keys'])} skipped"
         in capsys.readouterr().out

@@ -17,8 +17,8 @@ from emerdiff_pl.data import (
     list_folder,
     partition,
 )
-from emerdiff_pl.shardio import expand_urls as expand_shard_urls
-from emerdiff_pl.shardio import file_key
+from emerdiff_pl.paths import expand_urls as expand_shard_urls
+from emerdiff_pl.paths import file_key
 
 
 def _collect(batches) -> tuple[list[str], list[dict], int]:

@@ -12,9 +12,9 @@ from PIL import Image
 
 from emerdiff_pl.cli import main as cli_main
 from emerdiff_pl.commands.export import main as export_main
+from emerdiff_pl.commands.relabel import main as relabel_main
 from emerdiff_pl.data import EmerDiffDataModule
 from emerdiff_pl.datasets import toyworld
-from emerdiff_pl.relabel import main as relabel_main
 from emerdiff_pl.shardio import iter_samples
 from emerdiff_pl.writer import PseudoLabelWriter
 

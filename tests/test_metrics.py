@@ -194,7 +194,7 @@ def test_evaluate_cli_matches_by_key_and_reports_unmatched(tmp_path, capsys):
     args = ["--pred", str(tmp_path / "pred-000000.tar"), "--gt", str(tmp_path / "gt-000000.tar")]
     assert main([*args, "--num-classes", "3", "--protocol", "both", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    from emerdiff_pl.shardio import resize_labels_nearest
+    from emerdiff_pl.labelmaps import resize_labels_nearest
 
     expected = hungarian_miou(
         [resize_labels_nearest(preds[k], gts[k].shape) for k in "dba"], [gts[k] for k in "dba"], 3, 3

@@ -11,10 +11,11 @@ import torch
 from conftest import ColourQuantizer, encode, good_inputs, random_rgb, write_tar
 from PIL import Image
 
+from emerdiff_pl.codec import decode_image, encode_label_png
 from emerdiff_pl.data import EmerDiffDataModule
 from emerdiff_pl.datasets import toyworld
 from emerdiff_pl.pseudolabels import PseudoLabelDataModule, PseudoLabelDataset, pseudolabel_loader
-from emerdiff_pl.shardio import decode_image, encode_label_png, iter_raw_samples
+from emerdiff_pl.shardio import iter_raw_samples
 from emerdiff_pl.writer import PseudoLabelWriter
 
 

@@ -2,13 +2,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from emerdiff_pl.commands.show import main
+from emerdiff_pl.labelmaps import boundaries
 from emerdiff_pl.shardio import TarWriter
 from emerdiff_pl.viz import (
     BOUNDARY_COLOR,
-    boundaries,
     colorize,
     display_ids,
-    main,
     match_to_gt,
     overlay,
     palette,
