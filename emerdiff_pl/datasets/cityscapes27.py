@@ -18,6 +18,7 @@ import numpy as np
 
 from emerdiff_pl.codec import decode_image, encode_jpeg, encode_label_png, read_label_png
 from emerdiff_pl.datasets._common import write_dataset
+from emerdiff_pl.fields import GT_FIELD
 
 IGNORE = 255
 
@@ -93,7 +94,7 @@ def make_sample(key: str, image_path: str, label_path: str, stats: dict, quality
     return {
         "__key__": key,
         "jpg": encode_jpeg(rgb, quality=quality),
-        "gt.png": encode_label_png(label_ids_to_classes(label_ids)),
+        GT_FIELD: encode_label_png(label_ids_to_classes(label_ids)),
     }
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from emerdiff_pl.codec import encode_label_png, read_label_png
 from emerdiff_pl.datasets._common import write_dataset
+from emerdiff_pl.fields import GT_FIELD
 
 IGNORE = 255
 
@@ -187,7 +188,7 @@ def make_sample(key: str, image_path: str, label_path: str, stats: dict) -> dict
             f"label map {label_path!r} is {fine.shape[1]}×{fine.shape[0]} but image {image_path!r} is "
             f"{width}×{height}"
         )
-    return {"__key__": key, "jpg": jpeg, "gt.png": encode_label_png(fine_to_coarse(fine))}
+    return {"__key__": key, "jpg": jpeg, GT_FIELD: encode_label_png(fine_to_coarse(fine))}
 
 
 def convert(

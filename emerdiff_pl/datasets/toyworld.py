@@ -204,6 +204,7 @@ def write_shards(
     """
     from tqdm.auto import tqdm
 
+    from emerdiff_pl.fields import GT_FIELD, JSON_FIELD
     from emerdiff_pl.shardio import ShardSequenceWriter
 
     if num_images < 1:
@@ -219,7 +220,7 @@ def write_shards(
         for i, scene in enumerate(generate_scenes(num_images, seed, size)):
             meta = {"seed": seed, "index": i, "size": size, "classes": list(CLASS_NAMES)}
             sink.write(
-                {"__key__": scene_key(seed, i), "png": scene.image, "gt.png": scene.labels, "json": meta}
+                {"__key__": scene_key(seed, i), "png": scene.image, GT_FIELD: scene.labels, JSON_FIELD: meta}
             )
             bar.update(1)
     return sink.written
