@@ -422,7 +422,7 @@ class TarWriter(_CloseOrAbort):
         if not isinstance(key, str) or not key or "." in key.rsplit("/", 1)[-1] or safe_key(key) != key:
             raise ValueError(
                 f"sample key {key!r} must be a non-empty relative path without '.', '..', spaces or other "
-                "awkward characters (see shardio.safe_key)"
+                "awkward characters (see emerdiff_pl.paths.safe_key)"
             )
         members = {f: encode_field(f, v) for f, v in sample.items() if not f.startswith("__")}
         if self.torn or self._closed:
