@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Any
 
-from emerdiff_pl.commands import DEBUG_ENV, VERBOSE_ENV, debug_enabled
+from emerdiff_pl.commands import DEBUG_ENV, VERBOSE_ENV, debug_enabled, split_command
 
 # name → (module[:function] whose main(argv) runs it, one-line description)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -145,13 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = _pop_global_flags(list(sys.argv[1:] if argv is None else argv))
     if from_command_line:
         sys.argv[1:] = argv  # LightningCLI (and a DDP relaunch) read sys.argv
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command not in SUBCOMMANDS:
-        print(f"emerdiff-pl: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
+    picked = split_command(argv, SUBCOMMANDS, _usage(), "emerdiff-pl: unknown command")
+    if isinstance(picked, int):
+        return picked
+    command, rest = picked
     try:
         if command == "predict" and from_command_line:
             from emerdiff_pl.commands.predict import cli_main

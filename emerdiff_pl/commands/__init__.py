@@ -1,12 +1,16 @@
 """Subcommands of ``emerdiff-pl``: one module per command, each with a ``main(argv) -> int``.
 
-Also the switches every command shares, read from the environment so that DDP children and in-process
-subcommands see them too: ``--debug`` (tracebacks) and ``--verbose`` (dependencies' own messages).
+Also what every command shares: the choice of a command by its first word (:func:`split_command`, for
+``emerdiff-pl <command>`` and ``emerdiff-pl convert <dataset>``), and the switches read from the environment, so
+that DDP children and in-process subcommands see them too: ``--debug`` (tracebacks) and ``--verbose``
+(dependencies' own messages).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Collection
 
 DEBUG_ENV = "EMERDIFF_DEBUG"
 VERBOSE_ENV = "EMERDIFF_VERBOSE"
@@ -26,4 +30,18 @@ def verbose_enabled() -> bool:
     return _flag(VERBOSE_ENV)
 
 
-__all__ = ["DEBUG_ENV", "VERBOSE_ENV", "debug_enabled", "verbose_enabled"]
+def split_command(
+    argv: list[str], choices: Collection[str], usage: str, unknown: str
+) -> tuple[str, list[str]] | int:
+    """(the first word, the arguments after it) when the word is one of ``choices``; else the exit code, after
+    printing ``usage`` (``--help``: 0; no word: 2) or ``unknown``, the word and the usage (2)."""
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage)
+        return 0 if argv else 2
+    if argv[0] not in choices:
+        print(f"{unknown} {argv[0]!r}\n\n{usage}", file=sys.stderr)
+        return 2
+    return argv[0], argv[1:]
+
+
+__all__ = ["DEBUG_ENV", "VERBOSE_ENV", "debug_enabled", "split_command", "verbose_enabled"]

@@ -10,6 +10,18 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from emerdiff_pl.commands import split_command
+
+
+def _output_options(parser: argparse.ArgumentParser, shard_size: int, prefix: str | None = None) -> None:
+    """The options of every converter's output: ``--out``, ``--shard-size`` and (with its default) ``--prefix``."""
+    parser.add_argument("--out", required=True, help="output folder for the shards and info.json")
+    parser.add_argument(
+        "--shard-size", type=int, default=shard_size, help=f"samples per shard (default {shard_size})"
+    )
+    if prefix is not None:
+        parser.add_argument("--prefix", default=None, help=f"shard name prefix (default {prefix})")
+
 
 def _toyworld_parser() -> argparse.ArgumentParser:
     from emerdiff_pl.datasets.toyworld import CLASS_NAMES, DEFAULT_SIZE
@@ -21,13 +33,12 @@ def _toyworld_parser() -> argparse.ArgumentParser:
             f"(<key>.png, <key>.gt.png with class ids {', '.join(f'{i}={n}' for i, n in enumerate(CLASS_NAMES))})."
         ),
     )
-    parser.add_argument("--out", required=True, help="output folder for the .tar shards")
+    _output_options(parser, shard_size=1000)
     parser.add_argument("--num-images", type=int, default=100, help="number of scenes (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="run seed; scene i depends only on (seed, i)")
     parser.add_argument(
         "--size", type=int, default=DEFAULT_SIZE, help=f"image side in pixels (default {DEFAULT_SIZE})"
     )
-    parser.add_argument("--shard-size", type=int, default=1000, help="scenes per shard (default 1000)")
     return parser
 
 
@@ -54,14 +65,12 @@ def _cocostuff27_parser() -> argparse.ArgumentParser:
         required=True,
         help="folder of COCO-Stuff label maps (stuffthingmaps_trainval2017/val2017: <image id>.png, fine ids)",
     )
-    parser.add_argument("--out", required=True, help="output folder for the shards and info.json")
+    _output_options(parser, shard_size=1000, prefix="cocostuff27[-curated]")
     parser.add_argument(
         "--curated",
         default=None,
         help="optional image-id list (one id per line), e.g. STEGO's Coco164kFull_Stuff_Coarse_7.txt (2175 val images)",
     )
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    parser.add_argument("--prefix", default=None, help="shard name prefix (default cocostuff27[-curated])")
     return parser
 
 
@@ -90,15 +99,13 @@ def _cityscapes27_parser() -> argparse.ArgumentParser:
         "frankfurt_000000_000294.",
     )
     parser.add_argument("--root", required=True, help="Cityscapes root holding leftImg8bit/ and gtFine/")
-    parser.add_argument("--out", required=True, help="output folder for the shards and info.json")
+    _output_options(parser, shard_size=500, prefix="cityscapes27-<split>")
     parser.add_argument(
         "--split", default="val", choices=["train", "val", "test"], help="split (default val)"
     )
-    parser.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
     parser.add_argument(
         "--jpeg-quality", type=int, default=95, help="JPEG quality of the images (default 95)"
     )
-    parser.add_argument("--prefix", default=None, help="shard name prefix (default cityscapes27-<split>)")
     return parser
 
 
@@ -138,14 +145,12 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Dispatch ``convert <dataset> ...`` to the dataset's converter; 2 for an unknown dataset."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
-        return 0 if argv else 2
-    name, rest = argv[0], argv[1:]
-    if name not in CONVERTERS:
-        print(f"error: unknown dataset {name!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
+    picked = split_command(
+        list(sys.argv[1:] if argv is None else argv), CONVERTERS, _usage(), "error: unknown dataset"
+    )
+    if isinstance(picked, int):
+        return picked
+    name, rest = picked
     return int(CONVERTERS[name][0](rest) or 0)
 
 
