@@ -97,7 +97,8 @@ class PseudoLabelDataset(IterableDataset):
         shard_order = sample_order = None
         if shuffle:
             base = seed * 1_000_003
-            shard_order = wds.detshuffle(len(self.urls), initial=len(self.urls), seed=base)  # a permutation
+            # the stages and seeds of the earlier per-pass WebDataset: one process's orders are unchanged
+            shard_order = wds.detshuffle(len(self.urls), initial=min(len(self.urls), 100), seed=base)
             sample_order = wds.detshuffle(shuffle, initial=min(shuffle, 100), seed=base)
         self._shuffles = [stage for stage in (shard_order, sample_order) if stage is not None]
         # the shard order comes before the split: every rank and worker permutes the same list, then takes its
