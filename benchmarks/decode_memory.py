@@ -20,8 +20,8 @@ def measure(path: Path, height: int, width: int) -> float:
     import torch
     import torch.nn.functional as F
 
+    from emerdiff_pl.codec import decode_image, encode_label_png
     from emerdiff_pl.inputs import InputPolicy
-    from emerdiff_pl.shardio import decode_image, encode_label_png
 
     torch.set_num_threads(1)
     data = path.read_bytes()

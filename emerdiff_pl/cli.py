@@ -15,10 +15,9 @@ import importlib
 import importlib.util
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from emerdiff_pl.commands.predict import EmerDiffCLI, SaveConfigToOutput, cli_main
+from emerdiff_pl.commands import DEBUG_ENV, VERBOSE_ENV, debug_enabled, split_command
 
 # name → (module[:function] whose main(argv) runs it, one-line description)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -39,9 +38,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "emerdiff_pl.commands.export",
         "relabelled shards as images/ + labels/ PNG folders for a segmentation trainer",
     ),
-    "show": ("emerdiff_pl.viz", "contact sheet of a shard set: image, overlay, low-res mask, ground truth"),
+    "show": (
+        "emerdiff_pl.commands.show",
+        "contact sheet of a shard set: image, overlay, low-res mask, ground truth",
+    ),
     "convert": (
-        "emerdiff_pl.datasets",
+        "emerdiff_pl.commands.convert",
         "ground-truth shards (<key>.jpg or .png, <key>.gt.png) for evaluate:",
     ),
     "merge-manifests": (
@@ -55,8 +57,6 @@ CONVERT_USAGE = (
     "convert cocostuff27 --images DIR --annotations DIR --out gt/",
     "convert cityscapes27 --root DIR --out gt/ [--split val]",
 )
-DEBUG_ENV = "EMERDIFF_DEBUG"
-VERBOSE_ENV = "EMERDIFF_VERBOSE"
 _USER_ERROR_TYPES = (ValueError, OSError)  # bad values and paths; FileNotFoundError & co. are OSErrors
 _USER_ERROR_NAMES = {"UserError", "MisconfigurationException", "OutOfMemoryError"}
 # hints for messages that dependencies raise, matched by substring
@@ -65,20 +65,6 @@ _HINTS = {
     "(slow for 512² Stable Diffusion), or try configs/toyworld.yaml or configs/tiny.yaml",
     "out of memory": "lower --model.max_branch_batch (e.g. 8) or --data.batch_size, or use --model.dtype bfloat16",
 }
-
-
-def _flag(env: str) -> bool:
-    return os.environ.get(env, "0").strip().lower() not in ("", "0", "false", "no")
-
-
-def debug_enabled() -> bool:
-    """True when tracebacks should be shown (``--debug`` or ``EMERDIFF_DEBUG=1``)."""
-    return _flag(DEBUG_ENV)
-
-
-def verbose_enabled() -> bool:
-    """True when dependencies may print their info lines and warnings (``--verbose`` or ``EMERDIFF_VERBOSE=1``)."""
-    return _flag(VERBOSE_ENV)
 
 
 def is_user_error(err: BaseException) -> bool:
@@ -159,13 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = _pop_global_flags(list(sys.argv[1:] if argv is None else argv))
     if from_command_line:
         sys.argv[1:] = argv  # LightningCLI (and a DDP relaunch) read sys.argv
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command not in SUBCOMMANDS:
-        print(f"emerdiff-pl: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
+    picked = split_command(argv, SUBCOMMANDS, _usage(), "emerdiff-pl: unknown command")
+    if isinstance(picked, int):
+        return picked
+    command, rest = picked
     try:
         if command == "predict" and from_command_line:
             from emerdiff_pl.commands.predict import cli_main
@@ -185,31 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-_LAZY = {
-    "EmerDiffCLI": "emerdiff_pl.commands.predict",
-    "SaveConfigToOutput": "emerdiff_pl.commands.predict",
-    "cli_main": "emerdiff_pl.commands.predict",
-}
-
-
-def __getattr__(name: str) -> Any:
-    """The LightningCLI names, imported on first use (``from emerdiff_pl.cli import cli_main`` still works)."""
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    if name == "demo":
-        return importlib.import_module("emerdiff_pl.commands.demo").main
-    raise AttributeError(f"module 'emerdiff_pl.cli' has no attribute {name!r}")
-
-
 __all__ = [
     "SUBCOMMANDS",
-    "EmerDiffCLI",
-    "SaveConfigToOutput",
-    "cli_main",
-    "debug_enabled",
     "format_user_error",
     "is_user_error",
     "main",
     "run_subcommand",
-    "verbose_enabled",
 ]

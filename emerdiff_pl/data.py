@@ -2,7 +2,7 @@
 
 Every input unit (a shard, or one file of a folder) is read by exactly one process: the sorted unit list is cut
 into contiguous blocks per SLURM array task, then dealt round-robin to DDP ranks and to dataloader workers. Shards
-are read and images decoded by :mod:`emerdiff_pl.shardio` (RGB whatever their mode); anything that cannot be read
+are read by :mod:`emerdiff_pl.shardio` and images decoded by :mod:`emerdiff_pl.codec` (RGB whatever their mode); anything that cannot be read
 or decoded, a truncated tar included, becomes a ``failures`` entry of the batch instead of stopping the run. Keys
 already written by an earlier attempt, or recorded as failures by one, are skipped before decoding.
 """
@@ -21,20 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from emerdiff_pl.codec import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, image_field
+from emerdiff_pl.fields import IMAGE_EXTENSIONS, is_image_file
 from emerdiff_pl.inputs import READ_ALL, InputPolicy, ReadPlan
-from emerdiff_pl.shardio import (
-    DEFAULT_MAX_PIXELS,
-    IMAGE_EXTENSIONS,
-    ImageDecodeError,
-    decode_image,
-    expand_urls,
-    image_field,
-    is_image_file,
-    iter_tar,
-    list_folder,
-    safe_key,
-    to_rgb,
-)
+from emerdiff_pl.paths import expand_urls, list_folder, safe_key
+from emerdiff_pl.shardio import iter_tar
 from emerdiff_pl.writer import PseudoLabelWriter
 
 # --------------------------------------------------------------------------------------------------------------
@@ -77,9 +68,6 @@ def deal(items: Sequence[Any], index: int, count: int) -> list[Any]:
 # --------------------------------------------------------------------------------------------------------------
 # inputs
 # --------------------------------------------------------------------------------------------------------------
-
-
-expand_shard_urls = expand_urls  # the earlier name; one expander lives in shardio
 
 
 def ignore_sigterm(worker_id: int) -> None:
@@ -195,7 +183,7 @@ class ImageStream(IterableDataset):
     carry. Yields ready batches (use ``DataLoader(batch_size=None)``); the batch also carries ``"skipped"``
     (samples left out since the previous batch because their key is in ``plan.done_keys``) and
     ``"skipped_failed"`` (left out because an earlier run recorded them as failures: ``plan.failed_keys``). Tar
-    keys are sanitised with :func:`~emerdiff_pl.shardio.safe_key`; the original is passed on as ``"source_key"``.
+    keys are sanitised with :func:`~emerdiff_pl.paths.safe_key`; the original is passed on as ``"source_key"``.
     """
 
     def __init__(
@@ -302,7 +290,7 @@ class EmerDiffDataModule(pl.LightningDataModule):
             by ``::``, a list, a glob, a directory of ``*.tar``, or remote URLs (``pipe:``, ``https://``).
         folder: A directory of images (recursive; jpg, jpeg, png, webp, bmp, tif, tiff; other files are recorded
             as failures). Keys come from each file's relative path alone, extension included (``sub/a.jpg`` →
-            ``sub/a_jpg``; see ``shardio.file_key``). Give urls or folder.
+            ``sub/a_jpg``; see ``paths.file_key``). Give urls or folder.
         batch_size: Images per ``predict_step`` call (images of one model input shape; ``keep_aspect`` and
             ``short_side`` inputs wait in one bucket per shape).
         num_workers: Dataloader worker processes per rank (decoding and resizing happen there).
@@ -420,18 +408,9 @@ class EmerDiffDataModule(pl.LightningDataModule):
 
 __all__ = [
     "EmerDiffDataModule",
-    "IMAGE_EXTENSIONS",
-    "ImageDecodeError",
     "ImageStream",
     "array_task",
-    "decode_image",
     "deal",
-    "expand_shard_urls",
-    "expand_urls",
     "ignore_sigterm",
-    "is_image_file",
-    "iter_tar",
-    "list_folder",
     "partition",
-    "to_rgb",
 ]

@@ -29,7 +29,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torchmetrics import Metric
 
-from emerdiff_pl.shardio import resize_labels_nearest
+from emerdiff_pl.labelmaps import boundaries, resize_labels_nearest
 
 # --------------------------------------------------------------------------------------------------------------
 # scores from accumulated counts
@@ -47,6 +47,16 @@ def _iou_scores(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, total: int) -> d
     return {"miou": miou, "pixel_accuracy": accuracy, "per_class_iou": iou}
 
 
+def hungarian_match(scores: np.ndarray) -> np.ndarray:
+    """Row → column (−1: unmatched) of the one-to-one matching that maximises the summed ``scores`` (rows ×
+    columns: pixels a cluster shares with a class, or their IoU). The one Hungarian matcher of every protocol
+    here and of the ground-truth colours of ``show``; pairs with a zero score may be matched."""
+    rows, cols = linear_sum_assignment(scores, maximize=True)
+    assignment = np.full(np.shape(scores)[0], -1, dtype=np.int64)
+    assignment[rows] = cols
+    return assignment
+
+
 def global_hungarian_scores(confusion: np.ndarray) -> dict[str, Any]:
     """Scores of a (num_clusters × num_classes) pixel confusion matrix under one Hungarian assignment.
 
@@ -56,9 +66,9 @@ def global_hungarian_scores(confusion: np.ndarray) -> dict[str, Any]:
     """
     confusion = np.asarray(confusion, dtype=np.int64)
     num_clusters, num_classes = confusion.shape
-    rows, cols = linear_sum_assignment(confusion, maximize=True)
-    assignment = np.full(num_clusters, -1, dtype=np.int64)
-    assignment[rows] = cols
+    assignment = hungarian_match(confusion)
+    rows = np.flatnonzero(assignment >= 0)
+    cols = assignment[rows]
     tp = np.zeros(num_classes, dtype=np.int64)
     predicted = np.zeros(num_classes, dtype=np.int64)
     tp[cols] = confusion[rows, cols]
@@ -87,7 +97,9 @@ def _match_segments(
     inter = inter.reshape(len(segments), len(classes))
     seg_size, cls_size = inter.sum(1), inter.sum(0)
     iou = inter / (seg_size[:, None] + cls_size[None, :] - inter)
-    rows, cols = linear_sum_assignment(iou, maximize=True)
+    assignment = hungarian_match(iou)
+    rows = np.flatnonzero(assignment >= 0)
+    cols = assignment[rows]
     keep = inter[rows, cols] > 0
     return segments, classes, inter, rows[keep], cols[keep]
 
@@ -319,16 +331,6 @@ def short_side_center_crop(labels: np.ndarray, size: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _edges(labels: Tensor) -> Tensor:
-    """(H, W) bool: pixels with a 4-neighbour of another label (the image border is no edge)."""
-    edge = torch.zeros_like(labels, dtype=torch.bool)
-    edge[1:] |= labels[1:] != labels[:-1]
-    edge[:-1] |= labels[:-1] != labels[1:]
-    edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
-    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
-    return edge
-
-
 def _disk(tolerance: int) -> Tensor:
     r = torch.arange(-tolerance, tolerance + 1)
     return ((r[:, None] ** 2 + r[None, :] ** 2) <= tolerance**2).float()[None, None]
@@ -347,7 +349,8 @@ def boundary_hits(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One image's boundary counts between every predicted segment and every ground-truth class.
 
-    The boundary of a mask is its pixels with a 4-neighbour outside it. Returns (segment ids S, class ids C,
+    The boundary of a mask is its pixels with a 4-neighbour outside it (:func:`~emerdiff_pl.labelmaps.boundaries`
+    on both sides). Returns (segment ids S, class ids C,
     ``pred_hit`` S×C: boundary pixels of segment s within ``tolerance`` px of class c's boundary, ``gt_hit``
     S×C: boundary pixels of class c within tolerance of segment s's boundary, ``pred_total`` S, ``gt_total``
     C). Pixels within 1 px of an ignored ground-truth pixel count on neither side.
@@ -358,7 +361,8 @@ def boundary_hits(
     classes, gt_idx = torch.unique(target[valid], return_inverse=True)
     gt_full = torch.full_like(target, -1)
     gt_full[valid] = gt_idx
-    pred_edge, gt_edge = _edges(pred) & keep, _edges(target) & keep
+    pred_edge = torch.from_numpy(boundaries(pred.cpu().numpy(), both_sides=True)).to(keep.device) & keep
+    gt_edge = torch.from_numpy(boundaries(target.cpu().numpy(), both_sides=True)).to(keep.device) & keep
     s, c = len(segments), len(classes)
     pred_bnd = torch.nn.functional.one_hot(pred_idx, s).permute(2, 0, 1).bool() & pred_edge  # (S, H, W)
     gt_bnd = (gt_full[None] == torch.arange(c)[:, None, None]) & gt_edge  # (C, H, W)

@@ -35,18 +35,16 @@ class InputCount(NamedTuple):
 
 def count_tar_samples(path: str) -> int:
     """Samples in a tar shard, from its member headers (the data is skipped, not read)."""
-    from emerdiff_pl.shardio import split_member_name
+    from emerdiff_pl.shardio import open_tar, walk_tar
 
     count, last = 0, None
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                parts = split_member_name(member.name) if member.isfile() else None
-                if parts is None or parts[0].split("/")[-1].startswith("__"):
+        with open_tar(path, seekable=True) as tar:
+            for member in walk_tar(tar):
+                if member.key is None or member.key.split("/")[-1].startswith("__"):
                     continue
-                if parts[0] != last:
-                    count, last = count + 1, parts[0]
-                tar.members = []
+                if member.key != last:
+                    count, last = count + 1, member.key
     except (tarfile.TarError, OSError, EOFError):
         pass  # a broken shard: the samples before the break count, the break itself becomes one failure
     return count

@@ -1,7 +1,9 @@
 """Training on the output: (image, label) pairs from pseudo-label shards, for a segmentation model's DataLoader.
 
-Built on WebDataset (node and worker splitting, shuffle buffer) reading raw bytes: labels are decoded by
-:func:`emerdiff_pl.shardio.read_label_png` (WebDataset's own image decoders convert label PNG modes), images as
+One WebDataset pipeline, built once per dataset: the shard list, shuffled per epoch (the same order on every
+rank and worker), split by node and by worker, read by :func:`emerdiff_pl.shardio.tar_samples` (the project's
+one tar reader: a truncated or corrupt shard raises naming it), then a seeded shuffle buffer. Labels are decoded
+by :func:`emerdiff_pl.codec.read_label_png` (WebDataset's own image decoders convert label PNG modes), images as
 the prediction input was decoded. Images come from the label shards themselves (``writer.include_image: true``)
 or, for labels written without them, from separate image shards joined by key.
 """
@@ -15,18 +17,14 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from emerdiff_pl.shardio import (
-    ImageDecodeError,
-    ShardIndex,
-    decode_image,
-    expand_urls,
-    image_field,
-    read_label_png,
-)
+from emerdiff_pl.codec import ImageDecodeError, decode_image, image_field, read_label_png
+from emerdiff_pl.fields import SEG_FIELD
+from emerdiff_pl.paths import expand_urls
+from emerdiff_pl.shardio import ShardIndex, tar_samples
 
-LABEL_FIELD = "seg.png"
 _NO_PIXEL_LIMIT = 2**40  # predict already applied its decompression-bomb guard to these images
 
 Transform = Callable[[torch.Tensor, torch.Tensor], tuple[Any, Any]]
@@ -66,7 +64,9 @@ class PseudoLabelDataset(IterableDataset):
             jointly; returns (image, label). Without it images of different sizes cannot be batched.
         shuffle: Shuffle buffer size in samples for training (shard order is shuffled too); 0 keeps shard order.
         label_field: The label member (``seg.png``; ``gt.png`` reads ground-truth shards the same way).
-        seed: Seed of the shard and sample shuffles (the same per epoch unless :meth:`set_epoch` is called).
+        seed: Seed of the shard and sample shuffles. A pass's order depends on (seed, epoch) alone, in any
+            process: the same in every pass unless :meth:`set_epoch` changes the epoch, which
+            :func:`pseudolabel_loader` does once per pass (so each epoch of ``Trainer.fit`` sees another order).
 
     Shards are dealt to DDP ranks, then to DataLoader workers: give at least ranks × workers shards, or some of
     them get nothing (and DDP training steps go out of step).
@@ -78,7 +78,7 @@ class PseudoLabelDataset(IterableDataset):
         images: str | os.PathLike | Sequence[str] | None = None,
         transform: Transform | None = None,
         shuffle: int = 0,
-        label_field: str = LABEL_FIELD,
+        label_field: str = SEG_FIELD,
         seed: int = 0,
     ):
         super().__init__()
@@ -94,28 +94,34 @@ class PseudoLabelDataset(IterableDataset):
         if images is not None:
             self.image_index = ShardIndex(images)
             check_join(_keys_of(self.urls), self.image_index.keys())
+        shard_order = sample_order = None
+        if shuffle:
+            base = seed * 1_000_003
+            # the stages and seeds of the earlier per-pass WebDataset: one process's orders are unchanged
+            shard_order = wds.detshuffle(len(self.urls), initial=min(len(self.urls), 100), seed=base)
+            sample_order = wds.detshuffle(shuffle, initial=min(shuffle, 100), seed=base)
+        self._shuffles = [stage for stage in (shard_order, sample_order) if stage is not None]
+        # the shard order comes before the split: every rank and worker permutes the same list, then takes its
+        # own share of it (DataPipeline skips the None stages of an unshuffled set)
+        self.pipeline = wds.DataPipeline(
+            wds.SimpleShardList(self.urls),
+            shard_order,
+            wds.split_by_node,
+            wds.split_by_worker,
+            tar_samples,
+            sample_order,
+        )
 
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle differently in the next pass (call once per epoch when ``shuffle`` > 0)."""
+        """The epoch of the next pass: its shard and sample order is the one of (seed, epoch)."""
         self.epoch = int(epoch)
 
-    def pipeline(self) -> Any:
-        """The WebDataset pipeline of raw samples (split by node and worker, shuffled when asked)."""
-        import webdataset as wds
-
-        seed = self.seed * 1_000_003 + self.epoch
-        dataset = wds.WebDataset(
-            self.urls,
-            shardshuffle=len(self.urls) if self.shuffle else False,
-            detshuffle=True,
-            seed=seed,
-            nodesplitter=wds.split_by_node,
-            workersplitter=wds.split_by_worker,
-            empty_check=False,
-        )
-        if self.shuffle:
-            dataset = dataset.shuffle(self.shuffle, initial=min(self.shuffle, 100), seed=seed)
-        return dataset
+    def samples(self) -> Iterator[dict[str, Any]]:
+        """This process's raw samples of one pass (its shards by node, then by worker), in the order of
+        (seed, epoch), read from the pipeline built once in the constructor."""
+        for stage in self._shuffles:
+            stage.epoch = self.epoch - 1  # a detshuffle adds 1 per pass, then seeds with seed + epoch
+        return iter(self.pipeline)
 
     def decode(self, raw: dict[str, Any]) -> tuple[Any, Any, str]:
         """One raw WebDataset sample → (image, label, key), the image joined from ``images`` when given."""
@@ -148,21 +154,38 @@ class PseudoLabelDataset(IterableDataset):
         return out_image, out_label, key
 
     def __iter__(self) -> Iterator[tuple[Any, Any, str]]:
+        return self._decoded(self.samples())  # the order is fixed now, not at the first sample
+
+    def _decoded(self, samples: Iterator[dict[str, Any]]) -> Iterator[tuple[Any, Any, str]]:
         if self.image_index is not None:
             self.image_index.close()  # a forked worker must not share the parent's file offsets
         try:
-            for raw in self.pipeline():
+            for raw in samples:
                 yield self.decode(raw)
         finally:
             if self.image_index is not None:
                 self.image_index.close()
 
 
+class _EpochLoader(DataLoader):
+    """A DataLoader that starts each pass over its :class:`PseudoLabelDataset` at the next epoch.
+
+    Workers iterate copies of the dataset made when a pass starts (and dropped after it), so they cannot count
+    passes themselves: the count is kept here, in the main process, after the copies are made.
+    """
+
+    def __iter__(self) -> Any:
+        iterator = super().__iter__()  # this pass's workers (or the dataset's own iterator) start here
+        self.dataset.set_epoch(self.dataset.epoch + 1)
+        return iterator
+
+
 def pseudolabel_loader(
     dataset: PseudoLabelDataset, batch_size: int, num_workers: int = 0, **kwargs: Any
 ) -> DataLoader:
-    """A DataLoader over :class:`PseudoLabelDataset` (workers split the shards; fewer shards idle workers)."""
-    return DataLoader(
+    """A DataLoader over :class:`PseudoLabelDataset` (workers split the shards; fewer shards idle workers); each
+    pass over it is the dataset's next epoch, so a shuffled dataset comes in another order every epoch."""
+    return _EpochLoader(
         dataset,
         batch_size=batch_size,
         num_workers=num_workers,
@@ -175,7 +198,9 @@ class PseudoLabelDataModule(pl.LightningDataModule):
     """Train (and optional validation) loaders over pseudo-label shards, for a Lightning ``Trainer.fit``.
 
     ``train`` / ``val`` are label shard patterns; ``images`` / ``val_images`` the image shards to join when the
-    labels hold no images. The training set is shuffled through a ``shuffle``-sample buffer, reseeded per epoch.
+    labels hold no images. The training set is shuffled through a ``shuffle``-sample buffer, reseeded per epoch:
+    :meth:`train_dataloader` starts at the trainer's current epoch (a resumed fit goes on from there), and each
+    pass of its loader is the next epoch, so ``Trainer.fit`` sees another order every epoch, the same for a seed.
     """
 
     def __init__(
@@ -189,7 +214,7 @@ class PseudoLabelDataModule(pl.LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         shuffle: int = 1000,
-        label_field: str = LABEL_FIELD,
+        label_field: str = SEG_FIELD,
         val_label_field: str | None = None,
         seed: int = 0,
     ):
@@ -204,18 +229,19 @@ class PseudoLabelDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
 
     def train_dataloader(self) -> DataLoader:
+        """The shuffled training loader, from the trainer's current epoch on."""
         if self.trainer is not None:
             self.train_set.set_epoch(self.trainer.current_epoch)
         return pseudolabel_loader(self.train_set, self.batch_size, self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
+        """The validation loader in shard order (reading ``val_label_field``), or none."""
         if self.val_set is None:
             return []  # Lightning skips validation
         return pseudolabel_loader(self.val_set, self.batch_size, self.num_workers)
 
 
 __all__ = [
-    "LABEL_FIELD",
     "PseudoLabelDataModule",
     "PseudoLabelDataset",
     "check_join",

@@ -10,11 +10,10 @@ The centroids are saved so the same mapping can be applied to new data (``--cent
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,22 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from emerdiff_pl.commands.relabel import main  # the command's entry point: `relabel.main(argv)` still works
-from emerdiff_pl.shardio import (
+from emerdiff_pl.codec import (
     ImageDecodeError,
-    TarWriter,
     decode_field,
     decode_image,
     encode_json,
     encode_label_png,
-    expand_urls,
     image_field,
-    iter_raw_samples,
 )
-
-EMB_FIELD = "emb.npy"
-SEG_FIELD = "seg.png"
-LOWRES_FIELD = "lowres.png"
+from emerdiff_pl.fields import EMB_FIELD, JSON_FIELD, LOWRES_FIELD, OVERLAY_FIELD, SEG_FIELD
+from emerdiff_pl.paths import expand_urls
+from emerdiff_pl.shardio import TarWriter, iter_raw_samples
+from emerdiff_pl.viz import overlay_jpeg
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -166,13 +161,6 @@ def assign_masks(emb: np.ndarray, centroids: torch.Tensor, normalize: bool) -> n
     return torch.cdist(x, centroids).argmin(-1).cpu().numpy()
 
 
-def _overlay_jpeg(image: np.ndarray, labels: np.ndarray) -> bytes:
-    from emerdiff_pl.shardio import encode_jpeg
-    from emerdiff_pl.viz import overlay
-
-    return encode_jpeg(overlay(image, labels))
-
-
 def relabel_sample(
     raw: dict[str, Any], centroids: torch.Tensor, normalize: bool, info: dict[str, Any]
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
@@ -193,17 +181,17 @@ def relabel_sample(
             out[field] = encode_label_png(relabelled)
             if field == SEG_FIELD:
                 class_areas += np.bincount(relabelled.reshape(-1), minlength=len(centroids))
-        elif field == "json":
+        elif field == JSON_FIELD:
             meta = decode_field(field, value)
             meta["relabel"] = {**info, "mapping": mapping.tolist()}
             out[field] = encode_json(meta)
-        elif field == "overlay.jpg":
+        elif field == OVERLAY_FIELD:
             fields = {f: v for f, v in raw.items() if not f.startswith("__")}
             with contextlib.suppress(ImageDecodeError):  # the one image-field rule and decoder of shardio
                 image = decode_image(image_field(fields))
                 if SEG_FIELD in raw:
                     seg = mapping[decode_field(SEG_FIELD, raw[SEG_FIELD]).astype(np.int64)]
-                    out[field] = _overlay_jpeg(image, seg)
+                    out[field] = overlay_jpeg(image, seg)
             # without the image the stale per-image overlay is dropped
         else:
             out[field] = value  # copied byte for byte (emb.npy, jpg, …)
@@ -267,70 +255,106 @@ def _load_centroids(path: str, num_classes: int | None, normalize: bool) -> tupl
     return centroids, normalize
 
 
-def run(args: argparse.Namespace) -> int:
-    """The relabelling of parsed ``emerdiff-pl relabel`` arguments."""
+def centroids_digest(centroids: np.ndarray) -> str:
+    """SHA-256 (hex) of a C×D centroid array as float32: the identity of a relabel run's classes, recorded in
+    every sample it writes, so that samples of different runs (whose class ids mean different things) are told
+    apart. Applying saved centroids (``--centroids``) gives the same digest: those classes are the same."""
+    array = np.ascontiguousarray(centroids, dtype=np.float32)
+    return hashlib.sha256(f"{array.shape}".encode() + array.tobytes()).hexdigest()
+
+
+def class_count_problem(num_classes: int | None, centroids: str | None) -> str | None:
+    """What is wrong with the requested classes (``--num-classes`` / ``--centroids``), or None."""
+    if centroids is None and num_classes is None:
+        return "give --num-classes C (or --centroids to apply a previous fit)"
+    if num_classes is not None and not 1 <= num_classes <= 65535:
+        return f"--num-classes must be in 1..65535, got {num_classes}"
+    return None
+
+
+def relabel_dataset(
+    input_urls: str,
+    output: str,
+    num_classes: int | None = None,
+    *,
+    centroids: str | None = None,
+    max_fit_masks: int = 100_000,
+    n_init: int = 4,
+    max_iter: int = 300,
+    seed: int = 0,
+    normalize: bool = False,
+    device: str = "auto",
+    workers: int = 1,
+) -> dict[str, Any]:
+    """Relabel the prediction shards ``input_urls`` into ``output`` (shards under the input names with global ids,
+    ``centroids.npy``, ``relabel.json``) and return the ``relabel.json`` record.
+
+    The C global classes are fitted (``num_classes``) or taken from a previous run's ``centroids``; see the
+    module docstring for the fit and the options of ``emerdiff-pl relabel`` for each argument.
+    """
     from tqdm import tqdm
 
-    if args.centroids is None and args.num_classes is None:
-        print("error: give --num-classes C (or --centroids to apply a previous fit)", file=sys.stderr)
-        return 2
-    if args.num_classes is not None and not 1 <= args.num_classes <= 65535:
-        print(f"error: --num-classes must be in 1..65535, got {args.num_classes}", file=sys.stderr)
-        return 2
-    urls = expand_urls(args.input)
+    problem = class_count_problem(num_classes, centroids)
+    if problem is not None:
+        raise ValueError(problem)
+    urls = expand_urls(input_urls)
     names = [os.path.basename(u) for u in urls]
     if len(set(names)) != len(names):
         raise ValueError(
             "input shards share file names; output shards keep the input names, so they must be unique"
         )
-    out_dir = os.path.abspath(args.output)
+    out_dir = os.path.abspath(output)
     if out_dir in {os.path.dirname(os.path.abspath(u)) for u in urls}:
-        raise ValueError(f"--output {args.output!r} is the input folder; choose another folder")
+        raise ValueError(f"--output {output!r} is the input folder; choose another folder")
     os.makedirs(out_dir, exist_ok=True)
-    device = _pick_device(args.device)
+    torch_device = _pick_device(device)
     started = time.time()
 
     fit: dict[str, Any] = {}
-    if args.centroids is not None:
-        centroids_np, normalize = _load_centroids(args.centroids, args.num_classes, args.normalize)
-        fit["from_centroids"] = os.path.abspath(args.centroids)
+    if centroids is not None:
+        centroids_np, normalize = _load_centroids(centroids, num_classes, normalize)
+        fit["from_centroids"] = os.path.abspath(centroids)
     else:
-        normalize = args.normalize
-        reservoir = MaskReservoir(args.max_fit_masks, args.seed)
+        reservoir = MaskReservoir(max_fit_masks, seed)
         images = 0
         for _, emb, areas in tqdm(iter_mask_embeddings(urls), desc="relabel: sample masks", unit="img"):
             reservoir.add(emb, areas)
             images += 1
         x, w = reservoir.arrays()
-        print(f"fitting {args.num_classes} classes on {len(x)} of {reservoir.seen} masks ({images} images)")
+        print(f"fitting {num_classes} classes on {len(x)} of {reservoir.seen} masks ({images} images)")
         centroids_np, inertia = fit_centroids(
-            x, w, args.num_classes, seed=args.seed, n_init=args.n_init, max_iter=args.max_iter,
-            normalize=normalize, device=device,
+            x, w, num_classes, seed=seed, n_init=n_init, max_iter=max_iter, normalize=normalize,
+            device=torch_device,
         )  # fmt: skip
         fit.update(
-            seed=args.seed,
+            seed=seed,
             fit_masks=len(x),
             total_masks=reservoir.seen,
             inertia=inertia,
-            n_init=args.n_init,
-            max_iter=args.max_iter,
-            max_fit_masks=args.max_fit_masks,
+            n_init=n_init,
+            max_iter=max_iter,
+            max_fit_masks=max_fit_masks,
         )
     num_classes = len(centroids_np)
     centroids_path = os.path.join(out_dir, "centroids.npy")
-    if args.centroids is None or os.path.abspath(args.centroids) != centroids_path:
+    if centroids is None or os.path.abspath(centroids) != centroids_path:
         np.save(centroids_path, centroids_np)
-    info = {"num_classes": num_classes, "centroids": centroids_path, "normalize": normalize}
+    info = {
+        "num_classes": num_classes,
+        "centroids": centroids_path,
+        "centroids_sha256": centroids_digest(centroids_np),
+        "normalize": normalize,
+    }
 
     jobs = [(url, os.path.join(out_dir, os.path.basename(url))) for url in urls]
     class_areas = np.zeros(num_classes, dtype=np.int64)
     used = np.zeros(num_classes, dtype=np.int64)
     count = 0
-    if args.workers <= 1:
+    if workers <= 1:
         bar = tqdm(desc="relabel: write", unit="img")
         for url, target in jobs:
             n, areas, masks = relabel_shard(
-                url, target, centroids_np, normalize, info, str(device), bar.update
+                url, target, centroids_np, normalize, info, str(torch_device), bar.update
             )
             count, class_areas, used = count + n, class_areas + areas, used + masks
         bar.close()
@@ -340,22 +364,21 @@ def run(args: argparse.Namespace) -> int:
 
         context = multiprocessing.get_context("spawn")  # no fork of a process holding torch / CUDA state
         with ProcessPoolExecutor(
-            args.workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)
+            workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)
         ) as pool:
             futures = [
-                pool.submit(relabel_shard, url, target, centroids_np, normalize, info, str(device))
+                pool.submit(relabel_shard, url, target, centroids_np, normalize, info, str(torch_device))
                 for url, target in jobs
             ]
             for future in tqdm(futures, desc="relabel: write", unit="shard"):
                 n, areas, masks = future.result()
                 count, class_areas, used = count + n, class_areas + areas, used + masks
-    written = [target for _, target in jobs]
     report = {
         **info,
         **fit,
-        "input": args.input,
+        "input": input_urls,
         "input_shards": urls,
-        "output_shards": [os.path.basename(p) for p in written],
+        "output_shards": [os.path.basename(target) for _, target in jobs],
         "images": count,
         "embedding_dim": int(centroids_np.shape[1]),
         "masks_per_class": used.tolist(),
@@ -365,12 +388,18 @@ def run(args: argparse.Namespace) -> int:
     }
     with open(os.path.join(out_dir, "relabel.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
-    empty = [c for c in range(num_classes) if used[c] == 0]
-    if empty:
-        print(f"warning: {len(empty)} global class(es) received no mask: {empty[:10]}", file=sys.stderr)
-    print(f"relabelled {count} images into {num_classes} classes: {len(written)} shard(s) in {out_dir}")
-    return 0
+    return report
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+__all__ = [
+    "MaskReservoir",
+    "assign_masks",
+    "centroids_digest",
+    "class_count_problem",
+    "fit_centroids",
+    "iter_mask_embeddings",
+    "mask_areas",
+    "relabel_dataset",
+    "relabel_sample",
+    "relabel_shard",
+]

@@ -141,7 +141,7 @@ def _units(urls: Any, folder: Any, datamodule_class: type | None, data: dict[str
                 k: v for k, v in (data or {}).items() if k in ("urls", "folder", "array_index", "array_count")
             }
             return list(datamodule_class(**kwargs).all_units())
-        from emerdiff_pl.shardio import expand_urls, list_folder
+        from emerdiff_pl.paths import expand_urls, list_folder
 
         return list_folder(folder) if folder is not None else expand_urls(urls)
     except UserError:

@@ -1,25 +1,22 @@
-"""Pictures of label maps: a fixed colour palette, overlays with class boundaries, and the ``show`` contact sheet.
+"""Pictures of label maps: a fixed colour palette, overlays with class boundaries, contact sheets, and colours
+matched to the ground truth.
 
-``emerdiff-pl show --input '<shards>' --out grid.png`` draws one row per sample, image | overlay | low-res mask,
-so a person can judge a run at a glance. Colours depend only on the label id, so sheets of different runs (and
-of relabelled datasets with global ids) can be compared side by side.
+Colours depend only on the label id, so pictures of different runs (and of relabelled datasets with global ids)
+can be compared side by side. The ``show`` command (:mod:`emerdiff_pl.commands.show`) draws its contact sheet
+with these; the writer and relabel store :func:`overlay_jpeg` as ``<key>.overlay.jpg``.
 """
 
 from __future__ import annotations
 
-import argparse
 import colorsys
-import itertools
-import os
-import sys
 from collections.abc import Sequence
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from emerdiff_pl.shardio import ShardIndex, iter_samples, resize_labels_nearest
+from emerdiff_pl.codec import encode_jpeg
+from emerdiff_pl.labelmaps import boundaries, resize_labels_nearest
 
 _GOLDEN = 0.618033988749895
 _GREEDY_COLORS = 512
@@ -85,15 +82,6 @@ def colorize(labels: np.ndarray, ignore_index: int | None = None) -> np.ndarray:
     return out
 
 
-def boundaries(labels: np.ndarray) -> np.ndarray:
-    """Boolean H×W map, True where a pixel's label differs from its right or lower neighbour."""
-    labels = np.asarray(labels)
-    edge = np.zeros(labels.shape, dtype=bool)
-    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
-    edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
-    return edge
-
-
 def overlay(
     image: np.ndarray,
     labels: np.ndarray,
@@ -121,6 +109,11 @@ def overlay(
     if draw_boundaries:
         out[boundaries(labels)] = BOUNDARY_COLOR
     return out
+
+
+def overlay_jpeg(image: np.ndarray, labels: np.ndarray) -> bytes:
+    """The :func:`overlay` of ``labels`` on an H×W×3 uint8 image, as JPEG bytes (``<key>.overlay.jpg``)."""
+    return encode_jpeg(overlay(image, labels))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -194,27 +187,6 @@ def contact_sheet(
     return sheet
 
 
-def load_class_names(spec: str | None, num: int | None = None) -> list[str] | None:
-    """Class names from a known dataset name (``cocostuff27``, ``cityscapes27``, ``toyworld``) or a text file
-    (one a line)."""
-    if spec is None:
-        return None
-    from emerdiff_pl.datasets import CLASS_NAMES
-
-    if spec in CLASS_NAMES:
-        return list(CLASS_NAMES[spec])
-    if not os.path.isfile(spec):
-        raise FileNotFoundError(
-            f"--class-names {spec!r} is neither a known dataset ({', '.join(CLASS_NAMES)}) nor a file "
-            "with one class name per line"
-        )
-    with open(spec, encoding="utf-8") as f:
-        names = [line.strip() for line in f if line.strip()]
-    if num is not None and len(names) < num:
-        raise ValueError(f"{spec} names {len(names)} classes, fewer than the {num} needed")
-    return names
-
-
 # --------------------------------------------------------------------------------------------------------------
 # colours matched to the ground truth
 # --------------------------------------------------------------------------------------------------------------
@@ -224,7 +196,7 @@ def match_to_gt(pairs: Sequence[tuple[np.ndarray, np.ndarray]], ignore_index: in
     """Hungarian match of predicted ids to ground-truth classes, maximising the pixels they share over all
     ``pairs`` of (prediction, ground truth); predictions of another size are resized (nearest) to the GT's.
     Only pairs that overlap are returned; unmatched ids (more clusters than classes) are left out."""
-    from scipy.optimize import linear_sum_assignment
+    from emerdiff_pl.metrics import hungarian_match  # torch and scipy: only where colours are matched
 
     pred_ids: list[np.ndarray] = []
     gt_ids: list[np.ndarray] = []
@@ -239,8 +211,8 @@ def match_to_gt(pairs: Sequence[tuple[np.ndarray, np.ndarray]], ignore_index: in
     pred_all, gt_all = np.concatenate(pred_ids), np.concatenate(gt_ids)
     n_pred, n_gt = int(pred_all.max()) + 1, int(gt_all.max()) + 1
     confusion = np.bincount(pred_all * n_gt + gt_all, minlength=n_pred * n_gt).reshape(n_pred, n_gt)
-    rows, cols = linear_sum_assignment(-confusion)
-    return {int(r): int(c) for r, c in zip(rows, cols, strict=True) if confusion[r, c] > 0}
+    assignment = hungarian_match(confusion)
+    return {p: int(c) for p, c in enumerate(assignment) if c >= 0 and confusion[p, c] > 0}
 
 
 def display_ids(labels: np.ndarray, mapping: dict[int, int], num_gt: int) -> np.ndarray:
@@ -255,260 +227,14 @@ def display_ids(labels: np.ndarray, mapping: dict[int, int], num_gt: int) -> np.
     return lut[labels]
 
 
-# --------------------------------------------------------------------------------------------------------------
-# images next to the predictions: source shards or the folder predict read
-# --------------------------------------------------------------------------------------------------------------
-
-_IMAGE_FIELDS = ("jpg", "jpeg", "webp", "png", "image.jpg", "image.png")
-
-
-def _find_image(sample: dict) -> np.ndarray | None:
-    for field in _IMAGE_FIELDS:
-        value = sample.get(field)
-        if isinstance(value, np.ndarray) and value.ndim == 3 and value.shape[2] == 3:
-            return value
-    return None
-
-
-class _FolderImages:
-    """The images of a folder under the keys ``predict --data.folder`` gave them."""
-
-    def __init__(self, folder: str):
-        from emerdiff_pl.shardio import list_folder
-
-        self.paths = dict(list_folder(folder))
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.paths
-
-    def image(self, key: str) -> np.ndarray | None:
-        from emerdiff_pl.shardio import decode_image
-
-        try:
-            with open(self.paths[key], "rb") as handle:
-                return decode_image(handle.read())
-        except (OSError, ValueError):
-            return None
-
-
-class _ShardImages:
-    """The images of source shards, by key."""
-
-    def __init__(self, urls: str):
-        self.index = ShardIndex(urls, fields=_IMAGE_FIELDS)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.index
-
-    def image(self, key: str) -> np.ndarray | None:
-        return _find_image(self.index.get(key))
-
-
-def _holds_tars(path: str) -> bool:
-    return any(p.suffix == ".tar" for p in Path(path).iterdir())
-
-
-def open_images(spec: str) -> _FolderImages | _ShardImages:
-    """``--images``: source shards (patterns, a folder of ``*.tar``) or the image folder predict read."""
-    if os.path.isdir(spec) and not _holds_tars(spec):
-        images = _FolderImages(spec)
-        if not images.paths:
-            raise FileNotFoundError(f"--images {spec!r} holds neither *.tar shards nor images")
-        return images
-    return _ShardImages(spec)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# the show command
-# --------------------------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="emerdiff-pl show",
-        description="Contact sheet of a pseudo-label run: one row per sample with image | overlay | low-res mask "
-        "(and ground truth with --gt), plus a legend of the ids shown. Without --gt colours are fixed per id; "
-        "with --gt each predicted id takes the colour of the ground-truth class it is matched to (Hungarian "
-        "matching on shared pixels), so a region has one colour in both columns.",
-    )
-    parser.add_argument(
-        "--input",
-        required=True,
-        help="prediction shards: a folder of *.tar, or 'out/shard-{000000..000003}.tar'",
-    )
-    parser.add_argument("--out", required=True, help="output image (PNG or JPEG by extension)")
-    parser.add_argument(
-        "--n", type=int, default=16, help="number of samples (rows), the first N (default 16)"
-    )
-    parser.add_argument(
-        "--images",
-        default=None,
-        help="where the images are when the prediction shards carry none: the folder predict read "
-        "(--data.folder) or its source shards (--data.urls)",
-    )
-    parser.add_argument(
-        "--gt", default=None, help="optional ground-truth shards with <key>.gt.png: adds a column"
-    )
-    parser.add_argument(
-        "--match",
-        choices=("auto", "image", "dataset", "none"),
-        default="auto",
-        help="with --gt, how predicted ids get GT colours: per image (per-image cluster ids), over all rows "
-        "(dataset-wide ids, e.g. relabel output), or none (fixed colour per id). auto: dataset for relabelled "
-        "shards, else image",
-    )
-    parser.add_argument(
-        "--field", default="seg.png", help="label field drawn on the overlay (default seg.png)"
-    )
-    parser.add_argument(
-        "--lowres-field", default="lowres.png", help="low-res label field (default lowres.png)"
-    )
-    parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity in [0, 1] (default 0.5)")
-    parser.add_argument("--cell", type=int, default=192, help="cell height in pixels (default 192)")
-    parser.add_argument(
-        "--class-names",
-        default=None,
-        help="ground-truth class names for the legend (with --gt): cocostuff27, cityscapes27, toyworld, or a "
-        "text file with one name per line",
-    )
-    return parser
-
-
-def _colour(labels: np.ndarray, ids: np.ndarray | None, ignore: int | None) -> np.ndarray:
-    """Colourised labels: by their own id, or by the palette indices ``ids`` (GT-matched) when given."""
-    if ids is None:
-        return colorize(labels, ignore_index=ignore)
-    return colorize(ids)
-
-
-def _overlay_with(
-    image: np.ndarray, labels: np.ndarray, ids: np.ndarray | None, alpha: float, ignore: int | None
-) -> np.ndarray:
-    """:func:`overlay` with colours from ``ids`` (boundaries still follow ``labels``)."""
-    if ids is None:
-        return overlay(image, labels, alpha=alpha, ignore_index=ignore)
-    labels = resize_labels_nearest(np.asarray(labels), image.shape[:2])
-    ids = resize_labels_nearest(np.asarray(ids), image.shape[:2])
-    out = overlay(image, ids, alpha=alpha, draw_boundaries=False)
-    out[boundaries(labels)] = BOUNDARY_COLOR
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``emerdiff-pl show``: write the contact sheet; 0 on success, 2 for a bad argument."""
-    args = build_parser().parse_args(argv)
-    if args.n < 1:
-        print(f"emerdiff-pl show: error: --n must be ≥ 1, got {args.n}", file=sys.stderr)
-        return 2
-    names = load_class_names(args.class_names)
-    images = open_images(args.images) if args.images else None
-    gts = ShardIndex(args.gt, fields=("gt.png",)) if args.gt else None
-    ignore = 255 if args.field == "gt.png" else None  # showing ground-truth shards themselves
-
-    samples = []
-    for sample in itertools.islice(iter_samples(args.input), args.n):
-        if args.field not in sample:
-            raise ValueError(
-                f"sample {sample['__key__']!r} in {sample['__url__']} has no {args.field!r} "
-                f"(fields: {sorted(k for k in sample if not k.startswith('__'))}); pick one with --field"
-            )
-        samples.append(sample)
-    if not samples:
-        raise ValueError(f"no samples in {args.input!r}")
-    gt_of = {
-        s["__key__"]: gts.get(s["__key__"])["gt.png"]
-        for s in samples
-        if gts is not None and s["__key__"] in gts
-    }
-    match = args.match
-    if match == "auto":
-        relabelled = all(isinstance(s.get("json"), dict) and "relabel" in s["json"] for s in samples)
-        match = "dataset" if relabelled else "image"
-    num_gt = max((int(g[g != 255].max()) + 1 for g in gt_of.values() if (g != 255).any()), default=0)
-    if names:
-        num_gt = max(num_gt, len(names))
-    dataset_mapping = (
-        match_to_gt([(s[args.field], gt_of[s["__key__"]]) for s in samples if s["__key__"] in gt_of])
-        if match == "dataset" and gt_of
-        else None
-    )
-
-    rows, row_labels, gt_seen, any_image = [], [], set(), False
-    legend_ids: dict[int, str] = {}  # palette index → legend text, for the ids shown
-    for sample in samples:
-        key, labels = sample["__key__"], sample[args.field]
-        image = _find_image(sample)
-        if image is None and images is not None and key in images:
-            image = images.image(key)
-        any_image |= image is not None
-        gt = gt_of.get(key)
-        mapping = None
-        if gt is not None and match != "none":
-            mapping = dataset_mapping if dataset_mapping is not None else match_to_gt([(labels, gt)])
-        ids = display_ids(labels, mapping, num_gt) if mapping is not None else None
-        for pred in np.unique(labels).tolist():
-            if pred == ignore:
-                continue
-            if mapping is None:
-                name = names[pred] if names and gts is None and pred < len(names) else ""
-                legend_ids.setdefault(pred, f"{pred} {name}".strip())
-            elif pred in mapping:
-                gt_class = mapping[pred]
-                name = names[gt_class] if names and gt_class < len(names) else str(gt_class)
-                legend_ids.setdefault(gt_class, f"= {name}")
-            else:
-                legend_ids.setdefault(num_gt + pred, f"{pred} unmatched")
-        if image is not None:
-            over = _overlay_with(image, labels, ids, args.alpha, ignore)
-        elif "overlay.jpg" in sample and ids is None:
-            over = sample["overlay.jpg"]
-        else:
-            over = overlay(_colour(labels, ids, ignore), labels, alpha=0.0)
-        lowres = sample.get(args.lowres_field)
-        lowres_ids = (
-            display_ids(lowres, mapping, num_gt) if lowres is not None and mapping is not None else None
-        )
-        cells = [
-            (image, False) if image is not None else None,
-            (over, False),
-            (_colour(lowres, lowres_ids, None), True) if lowres is not None else None,
-        ]
-        if gts is not None:
-            if gt is not None:
-                gt_seen.update(np.unique(gt).tolist())
-            cells.append((colorize(gt, ignore_index=255), True) if gt is not None else None)
-        rows.append(cells)
-        row_labels.append(key)
-    if not any_image:
-        print(
-            "note: no image found (<key>.jpg in the prediction shards, or --images with the folder or shards "
-            "predict read); the overlay column shows the colourised labels instead",
-            file=sys.stderr,
-        )
-    matched = gts is not None and match != "none"
-    titles = [
-        "image",
-        f"overlay ({args.field}{', GT colours' if matched else ''})",
-        f"low-res ({args.lowres_field})",
-    ]
-    if gts is not None:
-        titles.append("ground truth (gt.png)")
-    section = f"ids in {args.field}" + (
-        f" (matched to GT per {'image' if match == 'image' else 'sheet'})" if matched else ""
-    )
-    legend = [(section, sorted(legend_ids.items())[:96])]
-    if gt_seen:
-        named = [
-            (i, f"{i} {names[i] if names and i < len(names) else ''}".strip())
-            for i in sorted(gt_seen - {255})
-        ]
-        legend.append(("ground-truth classes", named[:96]))
-    sheet = contact_sheet(rows, titles, row_labels, legend, cell_height=args.cell)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    sheet.save(args.out)
-    print(f"wrote {args.out} ({len(rows)} samples, {sheet.width}×{sheet.height})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+__all__ = [
+    "BOUNDARY_COLOR",
+    "IGNORE_COLOR",
+    "colorize",
+    "contact_sheet",
+    "display_ids",
+    "match_to_gt",
+    "overlay",
+    "overlay_jpeg",
+    "palette",
+]

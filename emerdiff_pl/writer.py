@@ -40,28 +40,21 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from emerdiff_pl.codec import encode_jpeg, encode_label_png, encode_npy
+from emerdiff_pl.fields import EMB_FIELD, JSON_FIELD, LOWRES_FIELD, OVERLAY_FIELD, SEG_FIELD
 from emerdiff_pl.inputs import ReadPlan
 from emerdiff_pl.manifest import (
     OutputState,
     TaskLock,
-    TaskLockedError,
     failed_keys,
-    finished_keys,
-    finished_shards,
     lock_path,
-    merge,
     new_run_id,
     scan_output,
     task_prefix,
 )
-from emerdiff_pl.shardio import (
-    TarWriter,
-    encode_jpeg,
-    encode_label_png,
-    encode_npy,
-    safe_key,
-    tar_keys,
-)
+from emerdiff_pl.paths import safe_key
+from emerdiff_pl.shardio import TarWriter
+from emerdiff_pl.viz import overlay_jpeg
 
 
 def _jsonable(value: Any) -> Any:
@@ -84,12 +77,6 @@ def _versions() -> dict[str, str]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[name] = metadata.version(name)
     return out
-
-
-def _overlay_jpg(image: np.ndarray, labels: np.ndarray) -> bytes:
-    from emerdiff_pl.viz import overlay
-
-    return encode_jpeg(overlay(image, labels))
 
 
 _MAGIC = {b"\xff\xd8\xff": "jpg", b"\x89PNG\r\n\x1a\n": "png"}
@@ -419,10 +406,10 @@ class PseudoLabelWriter(BasePredictionWriter):
             "output": {"shard": self._shard.name if self._shard else None, "run_id": self.run_id},
         }
         members = {
-            "seg.png": encode_label_png(labels),
-            "lowres.png": encode_label_png(lowres),
-            "emb.npy": encode_npy(embeddings),
-            "json": json.dumps(meta, indent=1).encode("utf-8"),
+            SEG_FIELD: encode_label_png(labels),
+            LOWRES_FIELD: encode_label_png(lowres),
+            EMB_FIELD: encode_npy(embeddings),
+            JSON_FIELD: json.dumps(meta, indent=1).encode("utf-8"),
         }
         if self.overlay or self.include_image:
             if prediction["original"][i] is None:
@@ -431,7 +418,7 @@ class PseudoLabelWriter(BasePredictionWriter):
                 )
             original = _numpy(prediction["original"][i])
         if self.overlay:
-            members["overlay.jpg"] = _overlay_jpg(original.astype(np.uint8), labels)
+            members[OVERLAY_FIELD] = overlay_jpeg(original.astype(np.uint8), labels)
         if self.include_image:
             field, data = image_member(encoded, original)
             members[field] = data
@@ -515,24 +502,4 @@ class PseudoLabelWriter(BasePredictionWriter):
         return summary
 
 
-def merge_main(argv: list[str] | None = None) -> int:
-    """Kept for callers of the earlier location: see :func:`emerdiff_pl.commands.merge.main`."""
-    from emerdiff_pl.commands.merge import main
-
-    return main(argv)
-
-
-__all__ = [
-    "OutputState",
-    "PseudoLabelWriter",
-    "WriterCounts",
-    "TaskLock",
-    "TaskLockedError",
-    "failed_keys",
-    "finished_keys",
-    "finished_shards",
-    "merge",
-    "scan_output",
-    "tar_keys",
-    "task_prefix",
-]
+__all__ = ["PseudoLabelWriter", "WriterCounts"]

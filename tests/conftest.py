@@ -290,7 +290,7 @@ FAKE_CLI = """\
 import sys
 sys.path.insert(0, {tests!r})
 from conftest import ColourQuantizer
-from emerdiff_pl.cli import cli_main
+from emerdiff_pl.commands.predict import cli_main
 
 if __name__ == "__main__":
     cli_main(sys.argv[1:], model_class=ColourQuantizer)

@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from conftest import FAST_SEGMENTER, encode, random_rgb
 from PIL import Image
 
-from emerdiff_pl import EmerDiffSegmenter, cli, method
+from emerdiff_pl import EmerDiffSegmenter, method
+from emerdiff_pl.commands.predict import cli_main
 from emerdiff_pl.config import EmerDiffConfig
-from emerdiff_pl.data import EmerDiffDataModule, ImageStream, list_folder
+from emerdiff_pl.data import EmerDiffDataModule, ImageStream
 from emerdiff_pl.inputs import InputPolicy, ReadPlan
+from emerdiff_pl.paths import list_folder
 
 READ_ORIGINALS = ReadPlan(keep_originals=True)  # the decoded originals in the batch, as for overlays
 
@@ -308,7 +310,7 @@ def test_predict_records_the_model_input_size(tmp_path, resize):
     for i, (name, (h, w)) in enumerate(sizes.items()):
         (tmp_path / "in" / name).write_bytes(encode(Image.fromarray(random_rgb(h, w, seed=i)), "PNG"))
     out = tmp_path / "out"
-    cli.cli_main(
+    cli_main(
         [
             "predict", "--config", "configs/tiny.yaml", "--data.folder", str(tmp_path / "in"),
             "--data.num_workers", "0", "--writer.output_dir", str(out), "--model.resolution", "32",

@@ -17,6 +17,7 @@ import yaml
 from conftest import MIXED_MAX_PIXELS, REPO, ColourQuantizer, make_shards, read_output, run, subprocess_env
 
 from emerdiff_pl import cli
+from emerdiff_pl.commands.predict import cli_main
 from emerdiff_pl.config import EmerDiffConfig
 from emerdiff_pl.data import EmerDiffDataModule
 from emerdiff_pl.segmenter import EmerDiffSegmenter
@@ -83,7 +84,7 @@ def test_the_four_predict_configs_exist():
 @pytest.mark.parametrize("config_path", CONFIGS, ids=lambda p: p.stem)
 def test_print_config_shows_every_field(config_path: Path, capsys: pytest.CaptureFixture):
     with pytest.raises(SystemExit) as exit_info:
-        cli.cli_main(["predict", "--config", str(config_path), "--print_config"])
+        cli_main(["predict", "--config", str(config_path), "--print_config"])
     assert exit_info.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
     assert list(config["model"]) == [
@@ -124,7 +125,7 @@ def test_every_config_builds_its_model_settings_and_overrides_apply(config_path:
     """Each shipped config, as written (flat ``model:`` keys), parses; a flag overrides one setting; the model
     group it resolves to builds the segmenter with exactly those settings (what <key>.json records)."""
     with pytest.raises(SystemExit):
-        cli.cli_main(["predict", "--config", str(config_path), "--model.num_masks", "8", "--print_config"])
+        cli_main(["predict", "--config", str(config_path), "--model.num_masks", "8", "--print_config"])
     model = yaml.safe_load(capsys.readouterr().out)["model"]
     raw = yaml.safe_load(config_path.read_text())["model"]
     assert set(raw) <= _settings()
@@ -182,7 +183,7 @@ def test_predict_keeps_no_predictions_in_memory_by_default(tmp_path: Path, image
         "--writer.output_dir",
         str(tmp_path / "out"),
     ]  # fmt: skip  (no config file: return_predictions is unset)
-    built = cli.cli_main(args, model_class=ColourQuantizer)
+    built = cli_main(args, model_class=ColourQuantizer)
     assert (
         built.trainer.predict_loop.return_predictions is False
         and built.trainer.predict_loop.predictions == []
@@ -250,7 +251,7 @@ def test_kill_and_resume_gives_every_key_exactly_once(tmp_path: Path, fake_cli: 
     rerun = _fake_predict_args(fake_cli, urls, out, "--data.num_workers", "1")[
         2:
     ]  # same CLI, in this process
-    cli.cli_main(rerun, model_class=ColourQuantizer)
+    cli_main(rerun, model_class=ColourQuantizer)
     assert (
         f"{len(keys) - len(killed['keys'])} labelled, {len(killed['keys'])} skipped"
         in capsys.readouterr().out

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from emerdiff_pl.commands.convert import main as convert
 from emerdiff_pl.datasets import CLASS_NAMES
-from emerdiff_pl.datasets import main as convert
 from emerdiff_pl.datasets.cityscapes27 import LABEL_ID_TO_CLASS, label_ids_to_classes
 from emerdiff_pl.datasets.cocostuff27 import COARSE_CLASSES, FINE_CLASSES, FINE_TO_COARSE, fine_to_coarse
 from emerdiff_pl.shardio import iter_samples

@@ -8,18 +8,11 @@ import torch
 from conftest import MIXED_MAX_PIXELS, bad_inputs, encode, good_inputs, make_shards, random_rgb, write_tar
 from PIL import Image
 
-from emerdiff_pl.data import (
-    EmerDiffDataModule,
-    ImageDecodeError,
-    ImageStream,
-    array_task,
-    decode_image,
-    list_folder,
-    partition,
-)
+from emerdiff_pl.codec import ImageDecodeError, decode_image
+from emerdiff_pl.data import EmerDiffDataModule, ImageStream, array_task, partition
 from emerdiff_pl.inputs import InputPolicy, ReadPlan
-from emerdiff_pl.shardio import expand_urls as expand_shard_urls
-from emerdiff_pl.shardio import file_key
+from emerdiff_pl.paths import expand_urls as expand_shard_urls
+from emerdiff_pl.paths import file_key, list_folder
 
 SQUARE_16 = InputPolicy(16, "square", 16)
 

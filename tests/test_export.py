@@ -12,10 +12,11 @@ from PIL import Image
 
 from emerdiff_pl.cli import main as cli_main
 from emerdiff_pl.commands.export import main as export_main
+from emerdiff_pl.commands.relabel import main as relabel_main
 from emerdiff_pl.data import EmerDiffDataModule
 from emerdiff_pl.datasets import toyworld
-from emerdiff_pl.relabel import main as relabel_main
-from emerdiff_pl.shardio import iter_samples
+from emerdiff_pl.relabel import centroids_digest
+from emerdiff_pl.shardio import TarWriter, iter_samples
 from emerdiff_pl.writer import PseudoLabelWriter
 
 
@@ -146,3 +147,50 @@ def test_hf_export_without_the_datasets_package_says_what_to_install(shards: dic
     assert code == 2
     assert "pip install 'emerdiff-pl[hf]'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def _relabelled_shard(path: Path, labels: dict[str, np.ndarray], num_classes: int, run: str = "run-a") -> str:
+    """A shard as ``emerdiff-pl relabel`` writes it (image, global ids, the relabel record), written by hand."""
+    meta = {"relabel": {"num_classes": num_classes, "centroids_sha256": run}}
+    with TarWriter(path) as sink:
+        for key, label in labels.items():
+            image = np.full((*label.shape, 3), 40 * (int(label.max()) % 6), np.uint8)
+            sink.write({"__key__": key, "png": image, "seg.png": label.astype(np.uint8), "json": meta})
+    return str(path)
+
+
+def test_export_refuses_label_ids_outside_the_relabelled_classes(tmp_path: Path, capsys):
+    labels = {"a": np.zeros((4, 4)), "b": np.array([[0, 1], [2, 3]])}  # id 3 in a 3-class run
+    shard = _relabelled_shard(tmp_path / "rel.tar", labels, num_classes=3)
+    assert export_main(["--input", shard, "--out", str(tmp_path / "export")]) == 2
+    assert "sample 'b': id 3 ≥ the 3 relabelled classes" in capsys.readouterr().err
+    assert not (tmp_path / "export" / "export.json").exists()
+
+
+def test_relabel_records_its_centroids_and_export_refuses_shards_of_two_runs(shards: dict, capsys):
+    tmp = shards["tmp"]
+    centroids = np.load(tmp / "rel" / "centroids.npy")
+    meta = next(iter_samples(shards["rel"], fields={"json"}))["json"]
+    assert meta["relabel"]["centroids_sha256"] == centroids_digest(centroids)
+    np.save(tmp / "other.npy", centroids + 1.0)  # another run's classes, as many of them
+    relabel_main(["--input", shards["pred"], "--output", str(tmp / "rel-other"), "--centroids",
+                  str(tmp / "other.npy"), "--device", "cpu"])  # fmt: skip
+    mixed = f"{shards['rel']}::{tmp / 'rel-other'}"
+    assert export_main(["--input", mixed, "--images", shards["scenes"][0], "--out", str(tmp / "export")]) == 2
+    assert "mixes several relabel runs" in capsys.readouterr().err
+    relabel_main(["--input", shards["pred"], "--output", str(tmp / "rel-again"), "--centroids",
+                  str(tmp / "rel" / "centroids.npy"), "--device", "cpu"])  # fmt: skip
+    again = next(iter_samples(str(tmp / "rel-again"), fields={"json"}))["json"]
+    assert again["relabel"]["centroids_sha256"] == meta["relabel"]["centroids_sha256"]  # the same classes
+
+
+def test_export_class_names_take_a_dataset_name_and_a_wrong_count_names_the_flag(tmp_path: Path, capsys):
+    shard = _relabelled_shard(tmp_path / "rel.tar", {"a": np.arange(7).reshape(1, 7)}, num_classes=7)
+    out = tmp_path / "export"
+    assert cli_main(["export", "--input", shard, "--out", str(out), "--class-names", "toyworld"]) == 0
+    assert (out / "classes.txt").read_text().splitlines() == list(toyworld.CLASS_NAMES)
+    code = cli_main(
+        ["export", "--input", shard, "--out", str(tmp_path / "e2"), "--class-names", "cocostuff27"]
+    )
+    assert code == 2
+    assert "--class-names gives 27 names but the shards have 7 classes" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from conftest import REPO, make_shards, run, subprocess_env
 from PIL import Image
 
 from emerdiff_pl import cli
+from emerdiff_pl.commands.predict import cli_main
 from emerdiff_pl.progress import ImageProgressBar, InputCount, count_tar_samples, format_rate
 from emerdiff_pl.validation import UserError, check_model_settings
 from emerdiff_pl.writer import WriterCounts
@@ -153,7 +154,7 @@ def test_a_run_that_fails_before_its_first_sample_writes_no_config(tmp_path: Pat
         "--model.fail_at_batch", "0",
     ]  # fmt: skip
     with pytest.raises(RuntimeError, match="planned failure"):
-        cli.cli_main(args, model_class=ColourQuantizer)
+        cli_main(args, model_class=ColourQuantizer)
     assert not list(out.glob("config-*.yaml"))
     summaries = [json.loads(p.read_text()) for p in out.glob("summary-*.json")]
     assert len(summaries) <= 1 and all(s["status"].startswith("interrupted") for s in summaries)
@@ -246,7 +247,7 @@ def test_every_model_option_has_help_and_no_help_cites_a_file_outside_the_projec
     from emerdiff_pl.config import EmerDiffConfig
 
     with pytest.raises(SystemExit):
-        cli.cli_main(["predict", "--help"])
+        cli_main(["predict", "--help"])
     text = capsys.readouterr().out
     for name in (spec.name for spec in dataclasses.fields(EmerDiffConfig)):
         start = text.index(f"--model.{name} ")

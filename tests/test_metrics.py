@@ -194,7 +194,7 @@ def test_evaluate_cli_matches_by_key_and_reports_unmatched(tmp_path, capsys):
     args = ["--pred", str(tmp_path / "pred-000000.tar"), "--gt", str(tmp_path / "gt-000000.tar")]
     assert main([*args, "--num-classes", "3", "--protocol", "both", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    from emerdiff_pl.shardio import resize_labels_nearest
+    from emerdiff_pl.labelmaps import resize_labels_nearest
 
     expected = hungarian_miou(
         [resize_labels_nearest(preds[k], gts[k].shape) for k in "dba"], [gts[k] for k in "dba"], 3, 3
@@ -211,6 +211,24 @@ def test_evaluate_cli_matches_by_key_and_reports_unmatched(tmp_path, capsys):
     assert "mIoU" in (out / "table.txt").read_text()
     err = capsys.readouterr().err
     assert "predictions only" in err and "ground truth only" in err
+
+
+def test_evaluate_class_names_take_a_comma_list_and_a_wrong_count_names_the_flag(tmp_path, capsys):
+    from emerdiff_pl.cli import main as cli_main
+
+    gt = np.array([[0, 0, 1, 2]], dtype=np.uint8)
+    _write(tmp_path / "gt.tar", [{"__key__": "a", "gt.png": gt}])
+    _write(tmp_path / "pred.tar", [{"__key__": "a", "seg.png": gt}])
+    args = ["evaluate", "--pred", str(tmp_path / "pred.tar"), "--gt", str(tmp_path / "gt.tar")]
+    assert (
+        cli_main([*args, "--num-classes", "3", "--class-names", "a,b,c", "--out", str(tmp_path / "o")]) == 0
+    )
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["class_names"] == ["a", "b", "c"]
+    capsys.readouterr()
+    assert cli_main([*args, "--num-classes", "3", "--class-names", "a,b"]) == 2
+    assert "--class-names gives 2 names but --num-classes gives 3 classes" in capsys.readouterr().err
+    assert cli_main([*args, "--num-classes", "3", "--class-names", "toyworld"]) == 2  # 7 toy-world classes
+    assert "--class-names gives 7 names" in capsys.readouterr().err
 
 
 def test_evaluate_cli_fails_clearly_when_no_key_matches(tmp_path):
@@ -369,6 +387,23 @@ def test_concept_miou_takes_the_nearest_concept_by_cosine_not_by_dot_product():
     # [1, 1] has the larger dot product with class 0 (10 vs 1.55) but points along class 1 (cos .707 vs .9995)
     images = [([0, 0, 1, 1], [0, 0, 1, 1], [[10.0, 0.0], [0.5, 0.6]]), ([0, 0], [1, 1], [[1.0, 1.0]])]
     assert float(_concept(images, "dataset")["miou"]) == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("concepts", ["image", "dataset"])
+def test_concept_protocol_never_picks_a_class_absent_from_the_image(concepts):
+    # image A holds classes 0 and 1; its mask 2 ([-1, -1], one pixel of class 0) points away from both concepts
+    # (class 0 ≈ [1, 0], class 1 = [0, 1]: cosine −0.71 each) and from class 2's ([1, 1], from image B). A class
+    # with no pixel has a zero concept (cosine 0), which would beat them all if it could be chosen.
+    image_a = ([0] * 9 + [1] + [2] + [1] * 10, [0] * 11 + [1] * 10, [[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
+    image_b = ([0, 0], [2, 2], [[1.0, 1.0]])
+    m = ConceptIoU(4, concepts)
+    for masks, target, emb in (image_a, image_b):
+        m.update(_t([masks]), _t([target]), torch.tensor(emb))
+    confusion = m.compute()["confusion"]  # predicted class × true class
+    assert confusion[3].sum() == 0  # class 3 is in no image: never picked
+    if concepts == "image":  # per image, only the image's own classes: A's pixels never become 2 (or 3)
+        assert confusion[2:, :2].sum() == 0
+    assert confusion.sum() == 23
 
 
 def test_concept_miou_rejects_mask_ids_without_an_embedding():

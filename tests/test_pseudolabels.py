@@ -1,6 +1,7 @@
 """Training on the output: writer.include_image, PseudoLabelDataset (join, workers, shuffle), its DataModule."""
 
 import io
+import re
 import tarfile
 from pathlib import Path
 
@@ -11,10 +12,11 @@ import torch
 from conftest import ColourQuantizer, encode, good_inputs, random_rgb, write_tar
 from PIL import Image
 
+from emerdiff_pl.codec import decode_image, encode_label_png
 from emerdiff_pl.data import EmerDiffDataModule
 from emerdiff_pl.datasets import toyworld
 from emerdiff_pl.pseudolabels import PseudoLabelDataModule, PseudoLabelDataset, pseudolabel_loader
-from emerdiff_pl.shardio import decode_image, encode_label_png, iter_raw_samples
+from emerdiff_pl.shardio import ShardReadError, TarWriter, iter_raw_samples
 from emerdiff_pl.writer import PseudoLabelWriter
 
 
@@ -235,3 +237,77 @@ def test_lightning_datamodule_trains_a_model(toy: dict):
     trainer.fit(model, datamodule=data)
     assert trainer.global_step == 4  # 6 samples / batch 3 × 2 epochs
     assert sorted(set(model.seen)) == sorted(s["__key__"] for s in iter_raw_samples(toy["scenes"]))
+
+
+# ---- the reader: epochs, truncated shards, the validation field ---------------------------------------------
+
+
+def label_shards(directory: Path, shards: int = 4, per_shard: int = 4) -> list[str]:
+    """``shards`` label shards of ``per_shard`` 8×8 samples (``png`` image, ``seg.png`` and ``gt.png`` labels)."""
+    paths = []
+    for s in range(shards):
+        path = directory / f"labels-{s:06d}.tar"
+        with TarWriter(path) as sink:
+            for i in range(per_shard):
+                n = s * per_shard + i
+                sink.write({"__key__": f"k{n:02d}", "png": random_rgb(8, 8, n),
+                            "seg.png": np.full((8, 8), n % 3, np.uint8), "gt.png": np.full((8, 8), 7, np.uint8)})  # fmt: skip
+        paths.append(str(path))
+    return paths
+
+
+class _KeyRecorder(pl.LightningModule):
+    """Records the keys of every training batch, per epoch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.orders: dict[int, list[str]] = {}
+
+    def training_step(self, batch, batch_idx):
+        _, _, keys = batch
+        self.orders.setdefault(self.current_epoch, []).extend(keys)
+        return (self.weight**2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit_orders(shards: list[str], num_workers: int, seed: int, epochs: int = 3) -> list[tuple[str, ...]]:
+    data = PseudoLabelDataModule(shards, batch_size=2, num_workers=num_workers, shuffle=8, seed=seed)
+    model = _KeyRecorder()
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, datamodule=data)
+    return [tuple(model.orders[epoch]) for epoch in range(epochs)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_fit_shuffles_each_epoch_differently_and_repeats_the_orders_for_a_seed(
+    tmp_path: Path, num_workers: int
+):
+    shards = label_shards(tmp_path)
+    orders = fit_orders(shards, num_workers, seed=0)
+    assert all(sorted(order) == [f"k{n:02d}" for n in range(16)] for order in orders)  # every sample once
+    assert len(set(orders)) == 3  # another order every epoch
+    assert fit_orders(shards, num_workers, seed=0) == orders  # reproducible from the seed
+    assert fit_orders(shards, num_workers, seed=1) != orders
+
+
+def test_truncated_shard_raises_naming_the_file(tmp_path: Path):
+    (good, cut) = label_shards(tmp_path, shards=2, per_shard=6)
+    with tarfile.open(cut) as tar:
+        fourth = next(m for m in tar.getmembers() if m.name.startswith("k09."))
+    Path(cut).write_bytes(Path(cut).read_bytes()[: fourth.offset])  # Python's tarfile sees a 3-sample archive
+    with pytest.raises(ShardReadError, match=f"{re.escape(cut)}.*truncated tar"):
+        list(PseudoLabelDataset([good, cut]))
+    with pytest.raises(ShardReadError, match=re.escape(cut)):
+        list(pseudolabel_loader(PseudoLabelDataset(cut, shuffle=4), batch_size=2))
+
+
+def test_validation_set_reads_val_label_field(tmp_path: Path):
+    shards = label_shards(tmp_path, shards=2, per_shard=2)
+    data = PseudoLabelDataModule(shards[0], val=shards[1], val_label_field="gt.png", batch_size=2)
+    labels = [label for _, label, _ in data.val_dataloader()]
+    assert labels and all(bool((label == 7).all()) for label in labels)  # gt.png, not seg.png
+    assert all(bool((label < 3).all()) for _, label, _ in data.train_dataloader())  # train: seg.png

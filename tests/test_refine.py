@@ -1,5 +1,6 @@
 """The image-guided refiners of score maps (emerdiff_pl.refine) and their wiring into EmerDiffSegmenter."""
 
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -78,6 +79,36 @@ def test_pamr_weights_are_a_softmax_over_neighbours_and_ignore_flat_regions():
     assert torch.allclose(weights.sum(1), torch.ones(1, 16, 64), atol=1e-5)
     flat = PAMR(iterations=3, dilations=(1,))(torch.ones(1, 2, 8, 8), torch.full((1, 3, 8, 8), 0.5))
     assert torch.allclose(flat, torch.ones(1, 2, 8, 8))
+
+
+def test_pamr_affinity_scale_is_a_tenth_of_the_local_std_averaged_over_channels():
+    # one row [0, 1] in channel 0 and a flat channel 1, dilation 1 (edges replicated). Pixel (0, 0)'s 8
+    # neighbours: the 3 on its right read 1, the other 5 read 0. Its neighbourhood for σ is those 8 plus itself:
+    # six 0s and three 1s, mean 1/3, unbiased variance (3 − 9·(1/3)²) / 8 = 1/4, σ = 1/2, so the scale is
+    # 0.1·σ = 0.05: a neighbour that differs by 1 has logit −1 / 0.05 = −20 in channel 0 and 0 in the flat
+    # channel (σ = 0 there), −10 averaged; the equal ones 0. Softmax: e^−10 / (5 + 3·e^−10) and 1 / (5 + 3·e^−10).
+    # A scale of σ, of 0.1·var, of a biased σ or of the image-wide σ gives other weights.
+    image = torch.tensor([[[[0.0, 1.0]], [[0.5, 0.5]]]])  # (B, C, H, W) = (1, 2, 1, 2)
+    weights = PAMR(iterations=1, dilations=(1,)).affinity(image)  # (1, 8, 1, 2)
+    near, far = 1 / (5 + 3 * math.exp(-10)), math.exp(-10) / (5 + 3 * math.exp(-10))
+    offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]  # PAMR's order
+    # pixel (0, 0): its neighbours on the right hold the other value; pixel (0, 1): mirrored
+    expected_left = torch.tensor([far if dx == 1 else near for _, dx in offsets])
+    expected_right = torch.tensor([far if dx == -1 else near for _, dx in offsets])
+    torch.testing.assert_close(weights[0, :, 0, 0].log(), expected_left.log(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(weights[0, :, 0, 1].log(), expected_right.log(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["guided", "bilateral", "pamr"])
+@pytest.mark.parametrize("size", [(1, 1), (1, 6), (3, 2), (5, 5)])
+def test_refiner_on_a_map_smaller_than_its_window_keeps_the_shape_and_stays_finite(method, size):
+    # radius 8 (a 17-px window) and PAMR's dilations up to 24 reach far past maps of a few pixels
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(2, 3, *size, generator=g)
+    image = torch.rand(2, 3, 4 * size[0], 4 * size[1], generator=g)
+    out = refine(scores, image, method, radius=8, eps=1e-2)
+    assert out.shape == scores.shape
+    assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from emerdiff_pl.relabel import MaskReservoir, main
+from emerdiff_pl.commands.relabel import main
+from emerdiff_pl.relabel import MaskReservoir
 from emerdiff_pl.shardio import TarWriter, iter_samples
 
 D, K, GROUPS = 8, 4, 3

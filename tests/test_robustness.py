@@ -14,11 +14,11 @@ import pytest
 from conftest import ColourQuantizer, encode, make_shards, random_rgb, read_output, run, spawn, write_tar
 from PIL import Image
 
+from emerdiff_pl.codec import DEFAULT_MAX_PIXELS
 from emerdiff_pl.commands.merge import main as merge_main
 from emerdiff_pl.data import EmerDiffDataModule
 from emerdiff_pl.inputs import InputPolicy
 from emerdiff_pl.manifest import TaskLock, lock_path, merge
-from emerdiff_pl.shardio import DEFAULT_MAX_PIXELS
 from emerdiff_pl.writer import PseudoLabelWriter
 
 
@@ -145,7 +145,7 @@ def test_sample_whose_output_cannot_be_written_is_recorded_and_the_run_goes_on(t
 def test_retry_failures_is_a_cli_option(capsys: pytest.CaptureFixture):
     import yaml
 
-    from emerdiff_pl.cli import cli_main
+    from emerdiff_pl.commands.predict import cli_main
 
     with pytest.raises(SystemExit):
         cli_main(["predict", "--data.folder", ".", "--writer.output_dir", "o", "--writer.retry_failures", "true",

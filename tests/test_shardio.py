@@ -6,22 +6,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from emerdiff_pl.codec import (
+    decode_field,
+    decode_image,
+    encode_jpeg,
+    encode_label_png,
+    image_field,
+    read_label_png,
+)
+from emerdiff_pl.labelmaps import resize_labels_nearest
+from emerdiff_pl.paths import expand_urls, safe_key
 from emerdiff_pl.shardio import (
     ShardIndex,
     ShardReadError,
     ShardSequenceWriter,
     TarWriter,
-    decode_field,
-    decode_image,
-    encode_jpeg,
-    encode_label_png,
-    expand_urls,
-    image_field,
     iter_samples,
     iter_tar,
-    read_label_png,
-    resize_labels_nearest,
-    safe_key,
     tar_keys,
 )
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from emerdiff_pl.cli import cli_main
+from emerdiff_pl.commands.predict import cli_main
 
 SCRIPTS = sorted((REPO / "slurm").glob("*.sbatch"))
 

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from emerdiff_pl.commands.convert import main as convert
 from emerdiff_pl.datasets import toyworld
 
 ASSET = Path(toyworld.__file__).parents[1] / "assets" / "toyworld-ldm"
@@ -118,7 +119,9 @@ def test_write_shards_round_trip(tmp_path):
 
 
 def test_convert_cli_writes_requested_scenes(tmp_path, capsys):
-    assert toyworld.main(["--out", str(tmp_path), "--num-images", "3", "--seed", "1", "--size", "48"]) == 0
+    assert (
+        convert(["toyworld", "--out", str(tmp_path), "--num-images", "3", "--seed", "1", "--size", "48"]) == 0
+    )
     with tarfile.open(tmp_path / "toyworld-000000.tar") as tar:
         names = tar.getnames()
     assert sorted(n for n in names if n.endswith(".gt.png")) == [

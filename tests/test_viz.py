@@ -2,13 +2,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from emerdiff_pl.commands.show import main
+from emerdiff_pl.labelmaps import boundaries
 from emerdiff_pl.shardio import TarWriter
 from emerdiff_pl.viz import (
     BOUNDARY_COLOR,
-    boundaries,
     colorize,
     display_ids,
-    main,
     match_to_gt,
     overlay,
     palette,
@@ -148,7 +148,7 @@ def test_show_colours_predicted_ids_like_the_gt_class_they_match(tmp_path):
 
 
 def test_show_reads_images_from_the_folder_predict_read(tmp_path, capsys):
-    from emerdiff_pl.data import list_folder
+    from emerdiff_pl.paths import list_folder
 
     folder = tmp_path / "images"
     folder.mkdir()

@@ -131,7 +131,7 @@ def global_ids(
 
 def majority_oracle(lowres: np.ndarray, target: np.ndarray, k: int, num_classes: int) -> np.ndarray:
     """Per-image mask -> majority ground-truth class, measured on the target resized to the low-res grid."""
-    from emerdiff_pl.shardio import resize_labels_nearest
+    from emerdiff_pl.labelmaps import resize_labels_nearest
 
     small = resize_labels_nearest(target, lowres.shape)
     table = np.zeros(k, dtype=np.int64)

@@ -190,10 +190,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import emerdiff_pl.metrics
     import emerdiff_pl.segmenter
     import emerdiff_pl.writer  # noqa: F401
-    from emerdiff_pl import relabel
+    from emerdiff_pl.commands import relabel
     from emerdiff_pl.datasets import toyworld
+    from emerdiff_pl.paths import expand_urls
     from emerdiff_pl.pseudolabels import PseudoLabelDataset
-    from emerdiff_pl.shardio import expand_urls
 
     torch.set_num_threads(args.threads)
     work = Path(args.work or f"outputs/self_train-s{args.seed}")

@@ -19,29 +19,29 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from emerdiff_pl.shardio import ShardIndex, iter_samples, resize_labels_nearest
+from emerdiff_pl.fields import EMB_FIELD, GT_FIELD, JSON_FIELD, LOWRES_FIELD, SEG_FIELD
+from emerdiff_pl.labelmaps import resize_labels_nearest
+from emerdiff_pl.shardio import ShardIndex, iter_samples
 
 if TYPE_CHECKING:
     from torchmetrics import Metric
 
     from emerdiff_pl.metrics import BoundaryFScore
 
-EMB_FIELD = "emb.npy"
-
 
 def _class_names(spec: str | None, num_classes: int) -> list[str]:
-    from emerdiff_pl.viz import load_class_names
-
-    names = load_class_names(spec, num_classes) if spec else None
-    if names is None:
+    """``--class-names`` (:func:`~emerdiff_pl.datasets.class_names`), else the class ids as names."""
+    if spec is None:
         return [str(i) for i in range(num_classes)]
-    return list(names[:num_classes])
+    from emerdiff_pl.datasets import class_names
+
+    return class_names(spec, num_classes, counted="--num-classes gives")
 
 
 def _guess_num_clusters(pred_urls: str, pred_field: str, num_classes: int) -> tuple[int, str]:
     """Global-protocol cluster count from the first prediction's JSON (relabel info, else num_masks)."""
-    for sample in iter_samples(pred_urls, fields={"json"}):
-        meta = sample.get("json")
+    for sample in iter_samples(pred_urls, fields={JSON_FIELD}):
+        meta = sample.get(JSON_FIELD)
         if not isinstance(meta, dict):
             break
         relabel = meta.get("relabel")
@@ -49,7 +49,7 @@ def _guess_num_clusters(pred_urls: str, pred_field: str, num_classes: int) -> tu
             return int(relabel["num_classes"]), "relabel.num_classes of the prediction JSON"
         hparams = meta.get("hparams") if isinstance(meta.get("hparams"), dict) else {}
         num_masks = hparams.get("num_masks", meta.get("num_masks"))
-        if num_masks is not None and pred_field in ("seg.png", "lowres.png"):
+        if num_masks is not None and pred_field in (SEG_FIELD, LOWRES_FIELD):
             return max(num_classes, int(num_masks)), "num_masks of the prediction JSON (per-image ids!)"
         break
     return num_classes, "--num-classes"
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="prediction label field (default seg.png; lowres.png is resized to the ground truth with nearest)",
     )
-    parser.add_argument("--gt-field", default="gt.png", help="ground-truth label field (default gt.png)")
+    parser.add_argument("--gt-field", default=GT_FIELD, help=f"ground-truth label field (default {GT_FIELD})")
     parser.add_argument(
         "--ignore-index", type=int, default=255, help="ground-truth id to ignore (default 255)"
     )
@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--class-names",
         default=None,
-        help="class names for the table: cocostuff27, cityscapes27, toyworld, or a text file (one name a line)",
+        help="class names for the table: cocostuff27, cityscapes27, toyworld, a comma list (a,b,c) or a text "
+        "file (one name a line); as many as --num-classes",
     )
     parser.add_argument(
         "--out",
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         short_side_center_crop,
     )
 
-    pred_field = args.pred_field or "seg.png"
+    pred_field = args.pred_field or SEG_FIELD
     names = _class_names(args.class_names, args.num_classes)
     protocols = {
         "both": ["global", "per-image"],
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     duplicates: list[str] = []
     no_field: list[str] = []
     resized = 0
-    fields = {pred_field, EMB_FIELD, "json"} if concept else {pred_field}
+    fields = {pred_field, EMB_FIELD, JSON_FIELD} if concept else {pred_field}
     samples = iter_samples(args.pred, fields=fields, labels={pred_field})  # read raw, whatever its name
     for sample in tqdm(samples, desc="evaluate", unit="img", dynamic_ncols=True, file=sys.stderr):
         if args.limit is not None and len(seen) >= args.limit:
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             pred, target = short_side_center_crop(pred, args.crop), short_side_center_crop(target, args.crop)
         p, t = torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(target.astype(np.int64))
         if concept:
-            _check_concept_input(sample.get("json"), key)
+            _check_concept_input(sample.get(JSON_FIELD), key)
             emb = torch.from_numpy(np.asarray(sample[EMB_FIELD], dtype=np.float32))
             for metric in metrics.values():
                 metric.update(p, t, emb)

@@ -5,8 +5,9 @@
 its presence marks a complete export). This is mmsegmentation's custom-dataset layout (``img_suffix='.png'``,
 ``seg_map_suffix='.png'``, ``data_prefix=dict(img_path='images', seg_map_path='labels')``) and what most
 segmentation trainers' folder loaders read. Only relabelled shards (``emerdiff-pl relabel`` output, marked by the
-``relabel`` record in each ``<key>.json``) are accepted: raw per-image cluster ids mean different things in
-different images, so they are not a training set.
+``relabel`` record in each ``<key>.json``) of one relabel run (one ``centroids_sha256``) are accepted: raw
+per-image cluster ids, or the ids of two runs, mean different things in different images, so they are not a
+training set; a label id outside the run's classes is refused too.
 
 ``--format hf`` writes the same pairs as a Hugging Face ``datasets`` dataset (see :func:`export_hf`). Both
 formats also write ``id2label.json`` (``{"0": name, ...}``, the file transformers' segmentation models read).
@@ -26,36 +27,34 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from emerdiff_pl.shardio import encode_label_png
+from emerdiff_pl.codec import encode_label_png
+from emerdiff_pl.fields import JSON_FIELD, SEG_FIELD
 
 
 class NotRelabelledError(ValueError):
     """The shards hold per-image cluster ids, not global class ids."""
 
 
-def global_classes(meta: Any, key: str) -> int:
-    """Number of global classes recorded by ``emerdiff-pl relabel`` in a sample's json, else a clear error."""
+def global_classes(meta: Any, key: str) -> tuple[int, str | None]:
+    """The classes a sample was relabelled into, from the ``relabel`` record of its json: (their number, the
+    digest of the run's centroids, None for shards of a relabel that did not record it); else a clear error."""
     record = meta.get("relabel") if isinstance(meta, dict) else None
     if not isinstance(record, dict) or not isinstance(record.get("num_classes"), int):
         raise NotRelabelledError(
-            f"sample {key!r} is not relabelled (its <key>.json has no 'relabel' record): its seg.png holds "
+            f"sample {key!r} is not relabelled (its <key>.json has no 'relabel' record): its {SEG_FIELD} holds "
             "per-image cluster ids, which mean different things in different images. Map them to global classes "
             "first: emerdiff-pl relabel --input <these shards> --output <dir> --num-classes C, then export <dir>"
         )
-    return record["num_classes"]
+    return record["num_classes"], record.get("centroids_sha256")
 
 
-def class_names(spec: str | None, num_classes: int) -> list[str]:
-    """Names from ``--class-names`` (comma list or a file with one per line), else ``class_0``, ``class_1``, ..."""
+def _class_names(spec: str | None, num_classes: int) -> list[str]:
+    """``--class-names`` (:func:`~emerdiff_pl.datasets.class_names`), else ``class_0``, ``class_1``, ..."""
     if spec is None:
         return [f"class_{i}" for i in range(num_classes)]
-    if os.path.isfile(spec):
-        names = [line.strip() for line in Path(spec).read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        names = [n.strip() for n in spec.split(",")]
-    if len(names) != num_classes:
-        raise ValueError(f"--class-names gives {len(names)} names but the shards have {num_classes} classes")
-    return names
+    from emerdiff_pl.datasets import class_names
+
+    return class_names(spec, num_classes, counted="the shards have")
 
 
 def _save_png(path: Path, data: bytes) -> None:
@@ -87,25 +86,28 @@ class _Samples:
         self.classes: list[str] = []
         self.dataset = PseudoLabelDataset(input_urls, images=images)
         self.num_classes: int | None = None
+        self.run: str | None = None  # the relabel run's centroids digest
         self.count = 0
         self.pixels = np.zeros(0, dtype=np.int64)
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
         from tqdm import tqdm
 
-        for raw in tqdm(self.dataset.pipeline(), desc="export", unit="img"):
+        for raw in tqdm(self.dataset.samples(), desc="export", unit="img"):
             key = raw["__key__"]
-            if "json" not in raw:
+            if JSON_FIELD not in raw:
                 raise NotRelabelledError(f"sample {key!r} has no <key>.json: not emerdiff-pl relabel output")
-            classes = global_classes(json.loads(raw["json"]), key)
+            classes, run = global_classes(json.loads(raw[JSON_FIELD]), key)
             if self.num_classes is None:
                 # a wrong --class-names fails here, before anything is written
-                self.classes = class_names(self.names, classes)
+                self.classes = _class_names(self.names, classes)
                 self.num_classes, self.pixels = classes, np.zeros(classes, dtype=np.int64)
-            elif classes != self.num_classes:
+                self.run = run
+            elif (classes, run) != (self.num_classes, self.run):
                 raise ValueError(
-                    f"sample {key!r} was relabelled into {classes} classes but earlier ones into "
-                    f"{self.num_classes}: the input mixes several relabel runs"
+                    f"sample {key!r} was relabelled into {classes} classes (centroids {run}) but earlier ones "
+                    f"into {self.num_classes} (centroids {self.run}): the input mixes several relabel runs, "
+                    "whose class ids mean different things"
                 )
             image, label, _ = self.dataset.decode(raw)
             image, label = image.numpy(), label.numpy()
@@ -248,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--class-names",
         default=None,
-        help="names for classes.txt: a comma list or a file with one per line (default class_0, class_1, ...)",
+        help="names for classes.txt: cocostuff27, cityscapes27, toyworld, a comma list (a,b,c) or a file with one "
+        "per line; as many as the relabelled classes (default class_0, class_1, ...)",
     )
     return parser
 

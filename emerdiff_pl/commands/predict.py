@@ -16,7 +16,7 @@ import os
 import warnings
 from typing import Any
 
-from emerdiff_pl.cli import verbose_enabled
+from emerdiff_pl.commands import verbose_enabled
 
 
 def quiet_dependencies() -> None:

@@ -1,9 +1,11 @@
 """``emerdiff-pl relabel``: its options, parsed without importing torch so that ``--help`` is instant; the work
-is :func:`emerdiff_pl.relabel.run`."""
+is :func:`emerdiff_pl.relabel.relabel_dataset`."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +64,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``emerdiff-pl relabel``: 0 on success, 2 when neither --num-classes nor --centroids is usable."""
     args = build_parser().parse_args(argv)
-    from emerdiff_pl.relabel import run
+    from emerdiff_pl.relabel import class_count_problem, relabel_dataset
 
-    return run(args)
+    problem = class_count_problem(args.num_classes, args.centroids)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+
+    report = relabel_dataset(
+        args.input, args.output, args.num_classes, centroids=args.centroids, max_fit_masks=args.max_fit_masks,
+        n_init=args.n_init, max_iter=args.max_iter, seed=args.seed, normalize=args.normalize,
+        device=args.device, workers=args.workers,
+    )  # fmt: skip
+    empty = [c for c, masks in enumerate(report["masks_per_class"]) if masks == 0]
+    if empty:
+        print(f"warning: {len(empty)} global class(es) received no mask: {empty[:10]}", file=sys.stderr)
+    print(
+        f"relabelled {report['images']} images into {report['num_classes']} classes: "
+        f"{len(report['output_shards'])} shard(s) in {os.path.abspath(args.output)}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

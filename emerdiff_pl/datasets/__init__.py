@@ -1,22 +1,18 @@
-"""Dataset converters: ground truth as WebDataset shards (``<key>.jpg`` + ``<key>.gt.png``) for evaluation.
+"""Datasets with ground truth: converters to WebDataset shards (``<key>.jpg`` or ``.png`` + ``<key>.gt.png``) for
+evaluation, their class names, and the one reader of ``--class-names``.
 
-``emerdiff-pl convert <dataset> ...`` with dataset ``cocostuff27``, ``cityscapes27`` or ``toyworld``.
+Converters: :mod:`~emerdiff_pl.datasets.cocostuff27`, :mod:`~emerdiff_pl.datasets.cityscapes27` and
+:mod:`~emerdiff_pl.datasets.toyworld` (procedural scenes); their command is ``emerdiff-pl convert``
+(:mod:`emerdiff_pl.commands.convert`).
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
+from pathlib import Path
 
 from emerdiff_pl.datasets.cityscapes27 import CLASS_NAMES as CITYSCAPES27_CLASSES
 from emerdiff_pl.datasets.cocostuff27 import COARSE_CLASSES as COCOSTUFF27_CLASSES
 from emerdiff_pl.datasets.toyworld import CLASS_NAMES as TOYWORLD_CLASSES
-
-CONVERTERS: dict[str, tuple[str, str]] = {
-    "cocostuff27": ("emerdiff_pl.datasets.cocostuff27", "COCO-Stuff 164k → 27 coarse classes (STEGO/PiCIE)"),
-    "cityscapes27": ("emerdiff_pl.datasets.cityscapes27", "Cityscapes fine labelIds 7–33 → 0–26"),
-    "toyworld": ("emerdiff_pl.datasets.toyworld", "procedural scenes with ground truth (no download)"),
-}
 
 CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "cocostuff27": COCOSTUFF27_CLASSES,
@@ -25,24 +21,32 @@ CLASS_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _usage() -> str:
-    lines = ["usage: emerdiff-pl convert {" + ",".join(CONVERTERS) + "} [--help] ...", "", "datasets:"]
-    lines += [f"  {name:<14}{doc}" for name, (_, doc) in CONVERTERS.items()]
-    return "\n".join(lines)
+def class_names(
+    spec: str, count: int | None = None, flag: str = "--class-names", counted: str = "the data has"
+) -> list[str]:
+    """Class names from a known dataset (``toyworld``, ``cocostuff27``, ``cityscapes27``), a text file (one name
+    a line) or a comma list (``a,b,c``): the one reader of every ``--class-names``.
+
+    With ``count``, exactly that many names are required; errors name ``flag``, and ``counted`` says where the
+    count comes from (``"the shards have"`` → "... but the shards have 3 classes").
+    """
+    if spec in CLASS_NAMES:
+        names = list(CLASS_NAMES[spec])
+    elif Path(spec).is_file():
+        lines = Path(spec).read_text(encoding="utf-8").splitlines()
+        names = [line.strip() for line in lines if line.strip()]
+    elif "," in spec:
+        names = [name.strip() for name in spec.split(",")]
+    else:
+        raise FileNotFoundError(
+            f"{flag} {spec!r} is neither a known dataset ({', '.join(CLASS_NAMES)}), nor a file with one class "
+            "name per line, nor a comma list (a,b,c)"
+        )
+    if not names or not all(names):
+        raise ValueError(f"{flag} {spec!r} holds an empty class name")
+    if count is not None and len(names) != count:
+        raise ValueError(f"{flag} gives {len(names)} names but {counted} {count} classes")
+    return names
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Dispatch ``convert <dataset> ...`` to the dataset's converter."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
-        return 0 if argv else 2
-    name, rest = argv[0], argv[1:]
-    if name not in CONVERTERS:
-        print(f"error: unknown dataset {name!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(CONVERTERS[name][0])
-    return int(module.main(rest) or 0)
-
-
-__all__ = ["CLASS_NAMES", "CONVERTERS", "main"]
+__all__ = ["CLASS_NAMES", "class_names"]

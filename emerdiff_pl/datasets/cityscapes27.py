@@ -11,15 +11,14 @@ and trailer) become 0–26; -1 (license plate) and anything else become 255.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from emerdiff_pl.codec import decode_image, encode_jpeg, encode_label_png, read_label_png
 from emerdiff_pl.datasets._common import write_dataset
-from emerdiff_pl.shardio import decode_image, encode_jpeg, encode_label_png, read_label_png
+from emerdiff_pl.fields import GT_FIELD
 
 IGNORE = 255
 
@@ -95,60 +94,37 @@ def make_sample(key: str, image_path: str, label_path: str, stats: dict, quality
     return {
         "__key__": key,
         "jpg": encode_jpeg(rgb, quality=quality),
-        "gt.png": encode_label_png(label_ids_to_classes(label_ids)),
+        GT_FIELD: encode_label_png(label_ids_to_classes(label_ids)),
     }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="emerdiff-pl convert cityscapes27",
-        description="Write Cityscapes-27 ground truth as WebDataset shards (<key>.jpg, <key>.gt.png with "
-        "labelIds 7–33 → 0–26, everything else 255 = ignore). Keys are the Cityscapes names, e.g. "
-        "frankfurt_000000_000294.",
-    )
-    parser.add_argument("--root", required=True, help="Cityscapes root holding leftImg8bit/ and gtFine/")
-    parser.add_argument("--out", required=True, help="output folder for the shards and info.json")
-    parser.add_argument(
-        "--split", default="val", choices=["train", "val", "test"], help="split (default val)"
-    )
-    parser.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
-    parser.add_argument(
-        "--jpeg-quality", type=int, default=95, help="JPEG quality of the images (default 95)"
-    )
-    parser.add_argument("--prefix", default=None, help="shard name prefix (default cityscapes27-<split>)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if not 1 <= args.jpeg_quality <= 100:
-        print(f"error: --jpeg-quality must be in 1..100, got {args.jpeg_quality}", file=sys.stderr)
-        return 2
-    if args.split == "test":
-        print(
-            "warning: Cityscapes test labels are withheld (all void): every pixel will be 255",
-            file=sys.stderr,
-        )
-    pairs = find_pairs(args.root, args.split)
+def convert(
+    root: str,
+    out: str,
+    split: str = "val",
+    shard_size: int = 500,
+    jpeg_quality: int = 95,
+    prefix: str | None = None,
+) -> tuple[list[str], int]:
+    """Write Cityscapes-27 ground truth of ``split`` under ``root`` as shards ``out/<prefix>-NNNNNN.tar`` plus
+    ``info.json``; returns (shard paths, samples)."""
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
+    pairs = find_pairs(root, split)
     info = {
         "dataset": "cityscapes27",
-        "split": args.split,
+        "split": split,
         "num_classes": NUM_CLASSES,
         "ignore_index": IGNORE,
         "class_names": list(CLASS_NAMES),
         "label_id_to_class": {str(i): int(LABEL_ID_TO_CLASS[i]) for i in range(len(LABEL_NAMES))},
-        "root": os.path.abspath(args.root),
-        "jpeg_quality": args.jpeg_quality,
+        "root": os.path.abspath(root),
+        "jpeg_quality": jpeg_quality,
     }
 
     def sample(key: str, image: str, label: str, stats: dict) -> dict:
-        return make_sample(key, image, label, stats, quality=args.jpeg_quality)
+        return make_sample(key, image, label, stats, quality=jpeg_quality)
 
-    prefix = args.prefix or f"cityscapes27-{args.split}"
-    shards, _ = write_dataset(pairs, sample, args.out, prefix, args.shard_size, info, desc="cityscapes27")
-    print(f"wrote {len(pairs)} samples to {len(shards)} shard(s) in {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    prefix = prefix or f"cityscapes27-{split}"
+    shards, _ = write_dataset(pairs, sample, out, prefix, shard_size, info, desc="cityscapes27")
+    return shards, len(pairs)

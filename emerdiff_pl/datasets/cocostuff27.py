@@ -11,17 +11,16 @@ outside 0–181 become 255 (ignore).
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from emerdiff_pl.codec import encode_label_png, read_label_png
 from emerdiff_pl.datasets._common import write_dataset
-from emerdiff_pl.shardio import encode_label_png, read_label_png
+from emerdiff_pl.fields import GT_FIELD
 
 IGNORE = 255
 
@@ -189,59 +188,31 @@ def make_sample(key: str, image_path: str, label_path: str, stats: dict) -> dict
             f"label map {label_path!r} is {fine.shape[1]}×{fine.shape[0]} but image {image_path!r} is "
             f"{width}×{height}"
         )
-    return {"__key__": key, "jpg": jpeg, "gt.png": encode_label_png(fine_to_coarse(fine))}
+    return {"__key__": key, "jpg": jpeg, GT_FIELD: encode_label_png(fine_to_coarse(fine))}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="emerdiff-pl convert cocostuff27",
-        description="Write COCO-Stuff-27 ground truth as WebDataset shards (<key>.jpg, <key>.gt.png with the "
-        "27 coarse classes of STEGO/PiCIE, 255 = ignore). Images are copied byte for byte (re-encoded only "
-        "when an EXIF rotation would misalign them with the label map).",
-    )
-    parser.add_argument("--images", required=True, help="folder of COCO images, e.g. coco/val2017")
-    parser.add_argument(
-        "--annotations",
-        required=True,
-        help="folder of COCO-Stuff label maps (stuffthingmaps_trainval2017/val2017: <image id>.png, fine ids)",
-    )
-    parser.add_argument("--out", required=True, help="output folder for the shards and info.json")
-    parser.add_argument(
-        "--curated",
-        default=None,
-        help="optional image-id list (one id per line), e.g. STEGO's Coco164kFull_Stuff_Coarse_7.txt (2175 val images)",
-    )
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    parser.add_argument("--prefix", default=None, help="shard name prefix (default cocostuff27[-curated])")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    pairs, unlabelled = find_pairs(args.images, args.annotations, args.curated)
-    if unlabelled:
-        print(
-            f"warning: {len(unlabelled)} image(s) without a label map skipped, e.g. {unlabelled[:5]}",
-            file=sys.stderr,
-        )
-    prefix = args.prefix or ("cocostuff27-curated" if args.curated else "cocostuff27")
+def convert(
+    images: str,
+    annotations: str,
+    out: str,
+    curated: str | None = None,
+    shard_size: int = 1000,
+    prefix: str | None = None,
+) -> tuple[list[str], int, dict, list[str]]:
+    """Write COCO-Stuff-27 ground truth as shards ``out/<prefix>-NNNNNN.tar`` plus ``info.json``; returns (shard
+    paths, samples, counts of what was re-encoded, the image ids skipped for want of a label map)."""
+    pairs, unlabelled = find_pairs(images, annotations, curated)
+    prefix = prefix or ("cocostuff27-curated" if curated else "cocostuff27")
     info = {
         "dataset": "cocostuff27",
         "num_classes": NUM_CLASSES,
         "ignore_index": IGNORE,
         "class_names": list(COARSE_CLASSES),
         "fine_to_coarse": {str(i): int(FINE_TO_COARSE[i]) for i in range(len(FINE_CLASSES))},
-        "images": os.path.abspath(args.images),
-        "annotations": os.path.abspath(args.annotations),
-        "curated": os.path.abspath(args.curated) if args.curated else None,
+        "images": os.path.abspath(images),
+        "annotations": os.path.abspath(annotations),
+        "curated": os.path.abspath(curated) if curated else None,
         "skipped_without_label": len(unlabelled),
     }
-    shards, stats = write_dataset(
-        pairs, make_sample, args.out, prefix, args.shard_size, info, desc="cocostuff27"
-    )
-    print(f"wrote {len(pairs)} samples to {len(shards)} shard(s) in {args.out} ({stats})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    shards, stats = write_dataset(pairs, make_sample, out, prefix, shard_size, info, desc="cocostuff27")
+    return shards, len(pairs), stats, unlabelled

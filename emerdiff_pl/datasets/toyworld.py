@@ -8,7 +8,6 @@ shards (``<key>.png`` image, ``<key>.gt.png`` uint8 class ids) that the evaluati
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -205,6 +204,7 @@ def write_shards(
     """
     from tqdm.auto import tqdm
 
+    from emerdiff_pl.fields import GT_FIELD, JSON_FIELD
     from emerdiff_pl.shardio import ShardSequenceWriter
 
     if num_images < 1:
@@ -220,36 +220,7 @@ def write_shards(
         for i, scene in enumerate(generate_scenes(num_images, seed, size)):
             meta = {"seed": seed, "index": i, "size": size, "classes": list(CLASS_NAMES)}
             sink.write(
-                {"__key__": scene_key(seed, i), "png": scene.image, "gt.png": scene.labels, "json": meta}
+                {"__key__": scene_key(seed, i), "png": scene.image, GT_FIELD: scene.labels, JSON_FIELD: meta}
             )
             bar.update(1)
     return sink.written
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="emerdiff-pl convert toyworld",
-        description=(
-            "Write procedural toy-world scenes with ground truth as WebDataset shards "
-            f"(<key>.png, <key>.gt.png with class ids {', '.join(f'{i}={n}' for i, n in enumerate(CLASS_NAMES))})."
-        ),
-    )
-    p.add_argument("--out", required=True, help="output folder for the .tar shards")
-    p.add_argument("--num-images", type=int, default=100, help="number of scenes (default 100)")
-    p.add_argument("--seed", type=int, default=0, help="run seed; scene i depends only on (seed, i)")
-    p.add_argument(
-        "--size", type=int, default=DEFAULT_SIZE, help=f"image side in pixels (default {DEFAULT_SIZE})"
-    )
-    p.add_argument("--shard-size", type=int, default=1000, help="scenes per shard (default 1000)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    paths = write_shards(args.out, args.num_images, args.seed, size=args.size, shard_size=args.shard_size)
-    print(f"wrote {args.num_images} scenes to {len(paths)} shard(s) in {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
