@@ -441,9 +441,8 @@ def resubmit_command(root: Path, summary: dict[str, Any], runs: dict[tuple[int, 
         (a["world_size"] for t, attempts in runs.items() if t[1] == count for a in attempts.values()),
         default=1,
     )
-    if (
-        count == 1 and world > 1
-    ):  # slurm/ddp.sbatch's output: rerun the whole job, its ranks skip what is done
+    # slurm/ddp.sbatch's output (ranks, one array task): rerun the whole job, its ranks skip what is done
+    if count == 1 and world > 1:
         nodes = trainer.get("num_nodes") or 1
         per_node = trainer.get("devices") if isinstance(trainer.get("devices"), int) else world // nodes
         return f"{' '.join(env)} sbatch --nodes={nodes} --ntasks-per-node={per_node} slurm/ddp{device}.sbatch"

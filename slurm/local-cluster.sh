@@ -17,6 +17,7 @@
 set -euo pipefail
 
 PACKAGES=(munge slurmctld slurmd slurm-client)
+export PATH=$PATH:/usr/sbin:/sbin # the daemons live there
 
 die() {
   echo "local-cluster: $*" >&2

@@ -113,7 +113,11 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster():
-    missing = [name for name in ("sbatch", "slurmctld", "slurmd", "munged") if shutil.which(name, path=SEARCH_PATH) is None]
+    missing = [
+        name
+        for name in ("sbatch", "slurmctld", "slurmd", "munged")
+        if shutil.which(name, path=SEARCH_PATH) is None
+    ]
     if missing:
         _unavailable(f"{', '.join(missing)} not installed (as root: slurm/local-cluster.sh install)")
     if os.geteuid() != 0:
@@ -265,31 +269,50 @@ def test_the_same_array_submitted_twice_at_once_labels_each_key_once(cluster: Cl
     _check_exactly_once(out, keys)
 
 
-def test_ddp_job_of_two_ranks_splits_the_shards_and_the_chained_merge_succeeds(
+def test_ddp_job_stopped_with_the_readme_scancel_resumes_from_the_printed_command(
     cluster: Cluster, tmp_path: Path
 ):
-    """slurm/ddp-cpu.sbatch through `emerdiff-pl submit`: two ranks under srun (gloo) label disjoint input
-    shards, and the merge job chained with afterok runs and exits 0."""
-    keys = make_shards(tmp_path / "in", num_shards=4, per_shard=3, size=16)
+    """slurm/ddp-cpu.sbatch through `emerdiff-pl submit`: two ranks under srun (gloo) label disjoint input shards;
+    `scancel --signal=TERM JOB` stops both ranks cleanly (exit 143, both summaries); merge-manifests prints the
+    DDP script to rerun, which pasted finishes the work; a second submit of the finished job skips everything
+    and its chained merge job runs and exits 0."""
+    keys = make_shards(tmp_path / "in", num_shards=4, per_shard=6, size=16)
     out = tmp_path / "out"
-    env = {"INPUT": str(tmp_path / "in" / "in-{000000..000003}.tar"), "OUTPUT": str(out)}
-    submitted = cluster.sh("CONFIG=configs/tiny.yaml emerdiff-pl submit slurm/ddp-cpu.sbatch", env=env).stdout
-    job, merge_job = _job_ids(submitted)[:2]
-    assert cluster.wait(job)[job]["JobState"] == "COMPLETED"
-    merged = cluster.wait(merge_job)[merge_job]
-    assert merged["JobState"] == "COMPLETED", merged
-    assert (
-        "complete: every array task finished"
-        in (cluster.submit_dir / f"emerdiff-pl-merge-{merge_job}.out").read_text()
+    env = {
+        "INPUT": str(tmp_path / "in" / "in-{000000..000003}.tar"),
+        "OUTPUT": str(out),
+        "CONFIG": "configs/tiny.yaml",
+    }
+    submit = "emerdiff-pl submit slurm/ddp-cpu.sbatch -- --writer.samples_per_shard 3"
+    job, merge_job = _job_ids(cluster.sh(submit, env=env).stdout)[:2]
+    _wait_for(lambda: list(out.glob("a0000of0001-r*.tar")), 300, "a rank's first shard", cluster)
+    cluster.sh(f"scancel --signal=TERM {job}")
+    stopped = cluster.wait(job)[job]
+    assert (stopped["JobState"], stopped["ExitCode"]) == ("FAILED", "143:0"), stopped
+    for rank in (0, 1):  # both ranks closed their shard and wrote their summary: nothing was killed
+        assert _summaries(out, f"a0000of0001-r{rank:03d}of002") == ["interrupted: SIGTERMException: 143"]
+    _wait_for(
+        lambda: cluster.jobs(merge_job)[merge_job]["JobState"] == "CANCELLED", 120, "merge dropped", cluster
     )
+
+    merged = cluster.sh(f"emerdiff-pl merge-manifests {out}", check=False)
+    assert merged.returncode == 3, merged.stdout + merged.stderr
+    resubmit = next(line.strip() for line in merged.stdout.splitlines() if " sbatch " in line)
+    assert resubmit.endswith("sbatch --nodes=1 --ntasks-per-node=2 slurm/ddp-cpu.sbatch"), resubmit
+    again = _job_ids(cluster.sh(resubmit).stdout)[0]  # pasted as printed
+    assert cluster.wait(again)[again]["JobState"] == "COMPLETED"
+    assert cluster.sh(f"emerdiff-pl merge-manifests {out}", check=False).returncode == 0
     samples = _check_exactly_once(out, keys)
-    for rank in (0, 1):
-        assert _summaries(out, f"a0000of0001-r{rank:03d}of002") == ["finished"]
-    inputs = {
+    ranks = {
         r: {json.loads(s["json"])["url"] for s in samples if f"-r{r:03d}of002-" in s["__url__"]}
         for r in (0, 1)
     }
-    assert inputs[0] and inputs[1] and not inputs[0] & inputs[1]  # each input shard labelled by one rank
-    assert (cluster.submit_dir / f"emerdiff-pl-ddp-{job}.out").read_text().count(
-        "1 node(s) x 2 rank(s) on cpu"
-    ) == 1
+    assert ranks[0] and ranks[1] and not ranks[0] & ranks[1]  # each input shard labelled by one rank
+
+    job, merge_job = _job_ids(cluster.sh(submit, env=env).stdout)[:2]  # again: nothing left to do
+    assert cluster.wait(job)[job]["JobState"] == "COMPLETED"
+    assert cluster.wait(merge_job)[merge_job]["JobState"] == "COMPLETED"  # the chained merge ran, exit 0
+    log = (cluster.submit_dir / f"emerdiff-pl-merge-{merge_job}.out").read_text()
+    assert "complete: every array task finished" in log
+    assert "1 node(s) x 2 rank(s) on cpu" in (cluster.submit_dir / f"emerdiff-pl-ddp-{job}.out").read_text()
+    _check_exactly_once(out, keys)

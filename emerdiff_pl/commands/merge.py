@@ -63,10 +63,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {key}: {where}", file=sys.stderr)
         return EXIT_DUPLICATES
     if summary["work_left"]:
-        tasks = ",".join(str(i) for i in summary["unfinished_array_tasks"])
-        print(
-            f"not finished: array tasks {tasks} of {summary['array_count']}; resubmit them from the repository's root:"
-        )
+        if "slurm/ddp" in summary["resubmit"]:
+            print(
+                "not finished: the DDP job (its finished ranks skip their work); rerun it from the repository's root:"
+            )
+        else:
+            tasks = ",".join(str(i) for i in summary["unfinished_array_tasks"])
+            count = summary["array_count"]
+            print(f"not finished: array tasks {tasks} of {count}; resubmit them from the repository's root:")
         print(f"  {summary['resubmit']}")
         if "<" in summary["resubmit"]:
             print("(fill in the <...> values: this folder holds no config of the run to read them from)")
