@@ -104,6 +104,7 @@ def test_ddp_script_renders_srun_with_one_task_per_gpu(capsys: pytest.CaptureFix
     env = {
         "SLURM_NNODES": "2",
         "SLURM_NTASKS_PER_NODE": "4(x2)",
+        "SLURM_NTASKS": "8",
         "SLURM_CPUS_PER_TASK": "8",
         "INPUT": "/data/in-{000000..000099}.tar",
         "OUTPUT": "/data/out",
@@ -153,6 +154,11 @@ def test_cpu_variants_request_no_gpu_and_run_the_shared_script_on_the_cpu(capsys
     command = render(REPO / "slurm" / "ddp-cpu.sbatch", env)  # --ntasks=2 (no --ntasks-per-node) on one node
     config = parsed_config(command, capsys)
     assert (config["trainer"]["accelerator"], str(config["trainer"]["devices"])) == ("cpu", "2")
+    # --ntasks=1 beside the script's --ntasks-per-node=2: srun starts one rank, so devices must be 1
+    command = render(
+        REPO / "slurm" / "ddp-cpu.sbatch", {**env, "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "2"}
+    )
+    assert str(parsed_config(command, capsys)["trainer"]["devices"]) == "1"
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
