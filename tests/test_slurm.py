@@ -372,3 +372,20 @@ def test_submit_sizes_the_array_from_the_shard_count_and_chains_the_merge(
     assert main(["slurm/array.sbatch", "--dry-run"]) == 0  # prints the commands, submits nothing
     printed = capsys.readouterr().out
     assert not log.exists() and "ARRAY_COUNT=10 " in printed and "--array=0-9 " in printed
+
+
+def test_slurm_readme_shows_the_commands_the_cluster_tests_run():
+    """tests/test_slurm_cluster.py submits exactly these; the README must show them the same way."""
+    readme = (REPO / "slurm" / "README.md").read_text()
+    tests = (REPO / "tests" / "test_slurm_cluster.py").read_text()
+    for command in (
+        "emerdiff-pl submit slurm/array-cpu.sbatch --cpus-per-task=1 --mem=2G -- --writer.samples_per_shard 3",
+        "emerdiff-pl submit slurm/ddp-cpu.sbatch -- --writer.samples_per_shard 3",
+        "sbatch --array=0-1 --cpus-per-task=1 --mem=2G slurm/array-cpu.sbatch",
+        "scancel --signal=TERM --full",
+        "scancel --signal=TERM JOB",
+        "scontrol requeue",
+        "emerdiff-pl merge-manifests",
+    ):
+        assert command in readme, command
+        assert command.replace(" JOB", " {job}") in tests, command

@@ -130,7 +130,10 @@ def cluster():
         "slurm",
     ):  # submit "from the repository's root", with the logs kept out of the repo
         (submit_dir / name).symlink_to(REPO / name)
-    ports = {"SLURMCTLD_PORT": str(_free_port()), "SLURMD_PORT": str(_free_port())}
+    ctld_port, slurmd_port = _free_port(), _free_port()
+    while slurmd_port == ctld_port:
+        slurmd_port = _free_port()
+    ports = {"SLURMCTLD_PORT": str(ctld_port), "SLURMD_PORT": str(slurmd_port)}
     start = subprocess.run(
         ["bash", str(LOCAL_CLUSTER), "start", str(state)],
         env={**os.environ, **ports},
@@ -174,6 +177,14 @@ def _check_exactly_once(out: Path, keys: list[str]) -> list[dict]:
     return samples
 
 
+def _inputs(tmp_path: Path, shards: int, per_shard: int) -> tuple[list[str], Path, dict[str, str]]:
+    """Input shards of random images: their keys, the output folder, and the scripts' settings for them."""
+    keys = make_shards(tmp_path / "in", num_shards=shards, per_shard=per_shard, size=16)
+    out = tmp_path / "out"
+    pattern = str(tmp_path / "in" / f"in-{{000000..{shards - 1:06d}}}.tar")
+    return keys, out, {"INPUT": pattern, "OUTPUT": str(out), "CONFIG": "configs/tiny.yaml"}
+
+
 def _summaries(out: Path, prefix: str) -> list[str]:
     """Statuses of the summaries of one task prefix, oldest attempt first."""
     return [json.loads(p.read_text())["status"] for p in sorted(out.glob(f"summary-{prefix}-*.json"))]
@@ -185,12 +196,9 @@ def test_array_with_a_requeued_and_a_cancelled_task_ends_with_every_key_once(
     """slurm/README.md's recipe: `emerdiff-pl submit` sizes the array from the shard count and chains the merge;
     one task is requeued mid-run, one stopped with the scancel the README names; merge-manifests then exits 3
     and prints a resubmit command that, pasted, finishes the work; the merge after it exits 0."""
-    keys = make_shards(tmp_path / "in", num_shards=4, per_shard=12, size=16)
-    out = tmp_path / "out"
-    env = {"INPUT": str(tmp_path / "in" / "in-{000000..000003}.tar"), "OUTPUT": str(out)}
+    keys, out, env = _inputs(tmp_path, shards=4, per_shard=12)
     submitted = cluster.sh(
-        "CONFIG=configs/tiny.yaml emerdiff-pl submit slurm/array-cpu.sbatch --cpus-per-task=1 --mem=2G "
-        "-- --writer.samples_per_shard 3",
+        "emerdiff-pl submit slurm/array-cpu.sbatch --cpus-per-task=1 --mem=2G -- --writer.samples_per_shard 3",
         env=env,
     ).stdout
     assert "array of 4 tasks over 4 input units" in submitted, submitted
@@ -248,13 +256,7 @@ def test_array_with_a_requeued_and_a_cancelled_task_ends_with_every_key_once(
 def test_the_same_array_submitted_twice_at_once_labels_each_key_once(cluster: Cluster, tmp_path: Path):
     """Two identical arrays at once: per task, one of the two jobs is refused by the task lock with a clear
     message, and every key ends up exactly once."""
-    keys = make_shards(tmp_path / "in", num_shards=2, per_shard=8, size=16)
-    out = tmp_path / "out"
-    env = {
-        "INPUT": str(tmp_path / "in" / "in-{000000..000001}.tar"),
-        "OUTPUT": str(out),
-        "CONFIG": "configs/tiny.yaml",
-    }
+    keys, out, env = _inputs(tmp_path, shards=2, per_shard=8)
     submit = "sbatch --array=0-1 --cpus-per-task=1 --mem=2G slurm/array-cpu.sbatch"
     first, second = (_job_ids(cluster.sh(submit, env=env).stdout)[0] for _ in range(2))
     jobs = {first: cluster.wait(first), second: cluster.wait(second)}
@@ -276,13 +278,7 @@ def test_ddp_job_stopped_with_the_readme_scancel_resumes_from_the_printed_comman
     `scancel --signal=TERM JOB` stops both ranks cleanly (exit 143, both summaries); merge-manifests prints the
     DDP script to rerun, which pasted finishes the work; a second submit of the finished job skips everything
     and its chained merge job runs and exits 0."""
-    keys = make_shards(tmp_path / "in", num_shards=4, per_shard=6, size=16)
-    out = tmp_path / "out"
-    env = {
-        "INPUT": str(tmp_path / "in" / "in-{000000..000003}.tar"),
-        "OUTPUT": str(out),
-        "CONFIG": "configs/tiny.yaml",
-    }
+    keys, out, env = _inputs(tmp_path, shards=4, per_shard=6)
     submit = "emerdiff-pl submit slurm/ddp-cpu.sbatch -- --writer.samples_per_shard 3"
     job, merge_job = _job_ids(cluster.sh(submit, env=env).stdout)[:2]
     _wait_for(lambda: list(out.glob("a0000of0001-r*.tar")), 300, "a rank's first shard", cluster)

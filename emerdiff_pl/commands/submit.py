@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the merge job is dropped if a task fails: run merge-manifests by hand, it prints what to resubmit). "
         "Settings come from the environment as for the scripts: INPUT or FOLDER, OUTPUT, CONFIG, WEIGHTS. "
         "Run it from the repository's root.",
-        epilog="Other options before `--` go to sbatch for the labelling job (e.g. --partition=gpu --time=4:00:00 "
+        epilog="Other options before `--` go to sbatch for the labelling job, written --option=value (e.g. --partition=gpu --time=4:00:00 "
         "--mem=32G); arguments after `--` go to emerdiff-pl predict (e.g. -- --model.num_masks 30). Site-wide "
         "options for every job, the merge job included, can live in the environment: SBATCH_PARTITION, "
         "SBATCH_ACCOUNT.",
