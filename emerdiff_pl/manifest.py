@@ -347,7 +347,7 @@ def merge(output_dir: str | os.PathLike, clean_temp: bool = False, checksum: boo
         "temp_files": temp_files,
         "work_left": bool(unfinished or state.bad or missing),
     }
-    summary["resubmit"] = resubmit_command(root, summary, runs) if summary["work_left"] else None
+    summary["resubmit"] = resubmit_command(root, summary) if summary["work_left"] else None
     (root / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary
 
@@ -417,7 +417,7 @@ def _ranges(indexes: list[int]) -> str:
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def resubmit_command(root: Path, summary: dict[str, Any], runs: dict[tuple[int, int], dict]) -> str:
+def resubmit_command(root: Path, summary: dict[str, Any]) -> str:
     """A command that reruns what ``summary`` lists as not done, with the settings of the original run: its
     saved config (``config-*.yaml``: every override, the weights), its input, the original array count, and
     the script for its shape (array or DDP) and device (GPU or CPU). Unknown values are ``<placeholders>``."""
@@ -437,10 +437,9 @@ def resubmit_command(root: Path, summary: dict[str, Any], runs: dict[tuple[int, 
         env.append("INPUT=<the input shards>")
     env.append(f"OUTPUT={shlex.quote(str(root.resolve()))}")
     device = "-cpu" if trainer.get("accelerator") == "cpu" else ""
-    world = max(
-        (a["world_size"] for t, attempts in runs.items() if t[1] == count for a in attempts.values()),
-        default=1,
-    )
+    # world size from any file of the count (a DDP job whose ranks all died before their summaries has manifests)
+    ranks = (re.search(rf"a\d+of{count:04d}-r\d+of(\d+)", p.name) for p in root.iterdir())
+    world = max((int(m[1]) for m in ranks if m), default=1)
     # slurm/ddp.sbatch's output (ranks, one array task): rerun the whole job, its ranks skip what is done
     if count == 1 and world > 1:
         nodes = trainer.get("num_nodes") or 1

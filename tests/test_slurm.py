@@ -244,6 +244,14 @@ def test_merge_reports_a_ddp_task_unfinished_when_one_ranks_summary_is_missing(t
     assert _merge(out, capsys)[0] == 0
 
 
+def test_merge_suggests_the_ddp_script_when_every_rank_died_before_its_summary(tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    for rank in (0, 1):
+        _task_files(out, 0, 1, None, rank=rank, world=2)  # manifests only
+    code, printed = _merge(out, capsys)
+    assert code == 3 and "sbatch --nodes=1 --ntasks-per-node=2 slurm/ddp.sbatch" in printed
+
+
 def test_merge_counts_a_resubmission_with_another_count_where_it_did_the_work(tmp_path: Path, capsys):
     from emerdiff_pl.manifest import merge
 
