@@ -50,6 +50,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "emerdiff_pl.commands.merge",
         "merge per-task manifests and list tasks to resubmit",
     ),
+    "submit": (
+        "emerdiff_pl.commands.submit",
+        "submit a SLURM array sized from the shard count, merge chained after it",
+    ),
 }
 # shown under ``convert`` in the top-level help (each is ``emerdiff-pl convert <name> --help``)
 CONVERT_USAGE = (

@@ -14,12 +14,16 @@ import json
 import os
 import re
 import secrets
+import shlex
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from emerdiff_pl.shardio import ShardReadError, file_digest, iter_samples, tar_keys
 
@@ -282,33 +286,30 @@ def merge(output_dir: str | os.PathLike, clean_temp: bool = False, checksum: boo
         for record in _read_jsonl(path):
             if record.get("key") not in owner or record.get("kind") == "duplicate":
                 failures[(record.get("key"), record.get("url"))] = record
-    runs: dict[tuple[int, int], dict[str, Any]] = {}  # (array index, count) → latest run's ranks
-    for path in sorted(root.glob("summary-*.json")):
-        match = _TAG_PATTERN.match(path.name)
-        if not match:
-            continue
-        with contextlib.suppress(json.JSONDecodeError, OSError):
-            summary = json.loads(path.read_text(encoding="utf-8"))
-            task = (int(match["a"]), int(match["ac"]))
-            latest = runs.get(task)
-            if latest is None or match["run"] > latest["run_id"]:
-                latest = runs[task] = {"run_id": match["run"], "world_size": int(match["w"]), "statuses": []}
-            if match["run"] == latest["run_id"]:
-                latest["statuses"].append(summary.get("status", "?"))
+    runs = _runs(root)
     seen_tasks = {t for p in root.iterdir() if (t := _task_of(p.name)) is not None}  # any file of a task
-    counts = {count for _, count in seen_tasks | set(runs)}
-    without_summary = sorted(index for index, count in seen_tasks if (index, count) not in runs)
     # a shard listed in a manifest but gone (deleted, or renamed .corrupt) matters until a rerun redid its keys
     missing = sorted(n for n, r in state.missing.items() if not {str(k) for k in r["keys"]} <= owner.keys())
     damaged = {t for n in [*state.bad, *missing] if (t := _task_of(n)) is not None}
-    unfinished = sorted(
-        index
-        for count in counts
-        for index in range(count)
-        if (run := runs.get((index, count))) is None
-        or len(run["statuses"]) < run["world_size"]
-        or any(status != "finished" for status in run["statuses"])
-        or (index, count) in damaged
+    finished = {
+        task
+        for task, attempts in runs.items()
+        if task not in damaged
+        and any(
+            len(a["statuses"]) == a["world_size"] and set(a["statuses"]) == {"finished"}
+            for a in attempts.values()
+        )
+    }
+    counts = {count for _, count in seen_tasks | set(runs)}
+    array_count = _original_count(root, counts)
+    # a damaged shard's keys may be ones that a task of another count skipped: rerun whatever shares its units
+    unfinished = [
+        i
+        for i in range(array_count)
+        if not _covered(i, array_count, finished) or _overlaps(i, array_count, damaged)
+    ]
+    without_summary = sorted(
+        i for i, c in seen_tasks if c == array_count and (i, c) not in runs and i in unfinished
     )
     temp_files = sorted(p.name for p in root.glob(".*.tar.tmp"))
     if clean_temp:  # only the temporary files of tasks that no live process holds
@@ -340,12 +341,112 @@ def merge(output_dir: str | os.PathLike, clean_temp: bool = False, checksum: boo
         "bad_shards": state.bad,
         "missing_shards": missing,
         "array_counts": sorted(counts),
+        "array_count": array_count,
         "unfinished_array_tasks": unfinished,
         "tasks_without_summary": without_summary,
         "temp_files": temp_files,
+        "work_left": bool(unfinished or state.bad or missing),
     }
+    summary["resubmit"] = resubmit_command(root, summary) if summary["work_left"] else None
     (root / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary
+
+
+def _runs(root: Path) -> dict[tuple[int, int], dict[str, dict[str, Any]]]:
+    """(array index, count) → run id → {"world_size", "statuses": the status of each rank's summary}."""
+    runs: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
+    for path in sorted(root.glob("summary-*.json")):
+        match = _TAG_PATTERN.match(path.name)
+        if not match:
+            continue
+        with contextlib.suppress(json.JSONDecodeError, OSError):
+            summary = json.loads(path.read_text(encoding="utf-8"))
+            attempt = runs.setdefault((int(match["a"]), int(match["ac"])), {}).setdefault(
+                match["run"], {"world_size": int(match["w"]), "statuses": []}
+            )
+            attempt["statuses"].append(summary.get("status", "?"))
+    return runs
+
+
+def _original_count(root: Path, counts: set[int]) -> int:
+    """The array count of the earliest attempt in ``root`` (run ids start with their UTC start time): the split
+    that resubmissions must keep. 0 for a folder without any task file."""
+    first: dict[int, str] = {}
+    for path in root.iterdir():
+        match = re.search(r"a\d+of(\d+)-r\d+of\d+-(\d{8}T\d{6}Z-[0-9a-f]+)", path.name)
+        if match and (int(match[1]) not in first or match[2] < first[int(match[1])]):
+            first[int(match[1])] = match[2]
+    if first:
+        return min(first, key=lambda count: first[count])
+    return min(counts) if counts else 0
+
+
+def _covered(index: int, count: int, finished: set[tuple[int, int]]) -> bool:
+    """Whether finished tasks, of any array count, cover task ``index`` of ``count``.
+
+    :func:`emerdiff_pl.data.partition` gives task i of c the units u with (u + 1) / n in (i / c, (i + 1) / c],
+    for any number of units n. So task ``index`` needs no rerun when the finished tasks' intervals cover its own:
+    a resubmission with another count (a forgotten ARRAY_COUNT) counts where it did the work, and leaves
+    listed only what no finished task covered.
+    """
+    low, high = Fraction(index, count), Fraction(index + 1, count)
+    for start, end in sorted((Fraction(i, c), Fraction(i + 1, c)) for i, c in finished):
+        if start <= low < end:
+            low = end
+            if low >= high:
+                return True
+    return low >= high
+
+
+def _overlaps(index: int, count: int, tasks: set[tuple[int, int]]) -> bool:
+    """Whether task ``index`` of ``count`` shares units with any of ``tasks`` (of any count; see :func:`_covered`)."""
+    return any(
+        max(Fraction(index, count), Fraction(i, c)) < min(Fraction(index + 1, count), Fraction(i + 1, c))
+        for i, c in tasks
+    )
+
+
+def _ranges(indexes: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` → ``"0-2,5,7-8"`` (SLURM's --array syntax)."""
+    runs: list[list[int]] = []
+    for index in indexes:
+        if runs and index == runs[-1][1] + 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def resubmit_command(root: Path, summary: dict[str, Any]) -> str:
+    """A command that reruns what ``summary`` lists as not done, with the settings of the original run: its
+    saved config (``config-*.yaml``: every override, the weights), its input, the original array count, and
+    the script for its shape (array or DDP) and device (GPU or CPU). Unknown values are ``<placeholders>``."""
+    count = summary["array_count"] or 1
+    configs = sorted(root.glob(f"config-a*of{count:04d}-*.yaml"), key=lambda p: p.name.rsplit("-", 2)[-2:])
+    config: dict[str, Any] = {}
+    if configs:
+        with contextlib.suppress(OSError, yaml.YAMLError):
+            config = yaml.safe_load(configs[-1].read_text(encoding="utf-8")) or {}
+    data, trainer = config.get("data") or {}, config.get("trainer") or {}
+    env = [f"CONFIG={shlex.quote(str(configs[-1].resolve()))}" if configs else "CONFIG=<your config.yaml>"]
+    if isinstance(data.get("folder"), str):
+        env.append(f"FOLDER={shlex.quote(data['folder'])}")
+    elif isinstance(data.get("urls"), str):
+        env.append(f"INPUT={shlex.quote(data['urls'])}")
+    else:
+        env.append("INPUT=<the input shards>")
+    env.append(f"OUTPUT={shlex.quote(str(root.resolve()))}")
+    device = "-cpu" if trainer.get("accelerator") == "cpu" else ""
+    # world size from any file of the count (a DDP job whose ranks all died before their summaries has manifests)
+    ranks = (re.search(rf"a\d+of{count:04d}-r\d+of(\d+)", p.name) for p in root.iterdir())
+    world = max((int(m[1]) for m in ranks if m), default=1)
+    # slurm/ddp.sbatch's output (ranks, one array task): rerun the whole job, its ranks skip what is done
+    if count == 1 and world > 1:
+        nodes = trainer.get("num_nodes") or 1
+        per_node = trainer.get("devices") if isinstance(trainer.get("devices"), int) else world // nodes
+        return f"{' '.join(env)} sbatch --nodes={nodes} --ntasks-per-node={per_node} slurm/ddp{device}.sbatch"
+    tasks = _ranges(summary["unfinished_array_tasks"])
+    return f"ARRAY_COUNT={count} {' '.join(env)} sbatch --array={tasks} slurm/array{device}.sbatch"
 
 
 def _atomic_lines(path: Path, records: list[dict[str, Any]]) -> None:

@@ -227,7 +227,7 @@ print("HEAVY=" + ",".join(heavy))
 
 
 @pytest.mark.parametrize(
-    "command", ["", "show", "convert", "demo", "relabel", "evaluate", "export", "merge-manifests"]
+    "command", ["", "show", "convert", "demo", "relabel", "evaluate", "export", "merge-manifests", "submit"]
 )
 def test_help_and_light_subcommands_import_no_torch(command: str):
     argv = [command, "--help"] if command else ["--help"]
