@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from emerdiff_pl.fields import JSON_FIELD
 from emerdiff_pl.shardio import ShardReadError, file_digest, iter_samples, tar_keys
 
 SHARD_PATTERN = re.compile(
@@ -250,9 +251,9 @@ def _inputs_of(root: Path, shard: str, keys: set[str]) -> dict[str, str]:
     """key → input url recorded in the ``<key>.json`` of one output shard (for duplicate reports)."""
     out: dict[str, str] = {}
     with contextlib.suppress(Exception):
-        for sample in iter_samples(str(root / shard), fields={"json"}):
+        for sample in iter_samples(str(root / shard), fields={JSON_FIELD}):
             if sample["__key__"] in keys:
-                out[sample["__key__"]] = str(sample.get("json", {}).get("url"))
+                out[sample["__key__"]] = str(sample.get(JSON_FIELD, {}).get("url"))
     return out
 
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from emerdiff_pl.shardio import expand_urls, list_folder
+from emerdiff_pl.paths import expand_urls, list_folder
 
 MERGE_OPTIONS = [
     "--job-name=emerdiff-pl-merge",
