@@ -5,6 +5,10 @@ with the ``predict_step`` contract of docs/interfaces.md, and helpers to run the
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One compute thread per process (this one, its subprocesses, the SLURM jobs they submit): on 2 cores shared with
+# another job, torch's second OpenMP thread waits for a descheduled core at every parallel region, and the suite
+# ran 4× slower (5 tests: 123 s with the default threads beside one busy process, 29 s with one thread).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import dataclasses
 import io

@@ -197,6 +197,10 @@ def test_array_with_a_requeued_and_a_cancelled_task_ends_with_every_key_once(
     one task is requeued mid-run, one stopped with the scancel the README names; merge-manifests then exits 3
     and prints a resubmit command that, pasted, finishes the work; the merge after it exits 0."""
     keys, out, env = _inputs(tmp_path, shards=4, per_shard=12)
+    # task 2's input is longer, so that it is still labelling when both scancels arrive on a quiet machine
+    long_keys = make_shards(tmp_path / "long", num_shards=3, per_shard=36, size=16)
+    shutil.copy(tmp_path / "long" / "in-000002.tar", tmp_path / "in" / "in-000002.tar")
+    keys = [k for k in keys if not k.startswith("s02_")] + [k for k in long_keys if k.startswith("s02_")]
     submitted = cluster.sh(
         "emerdiff-pl submit slurm/array-cpu.sbatch --cpus-per-task=1 --mem=2G -- --writer.samples_per_shard 3",
         env=env,
