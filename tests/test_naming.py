@@ -41,20 +41,22 @@ IGNORE = method.IGNORE_CLASS
 
 
 def _loop_reference(class_scores, masks, num_masks, threshold):
-    """One mask at a time: bilinear upsampling, the mean over the mask's pixels, argmax, threshold."""
+    """One mask at a time: bilinear upsampling, the mean over the mask's pixels, argmax, threshold → (labels,
+    means (B, K, C) with NaN for empty masks)."""
     up = F.interpolate(class_scores.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
     out = torch.full_like(masks, -1)
+    means = torch.full((masks.shape[0], num_masks, class_scores.shape[1]), float("nan"))
     for b in range(masks.shape[0]):
         for k in range(num_masks):
             inside = masks[b] == k
             if not inside.any():
                 continue
-            mean = up[b][:, inside].mean(1)
+            means[b, k] = mean = up[b][:, inside].mean(1)
             cls = int(mean.argmax())
             if threshold is not None and mean[cls] < threshold:
                 cls = IGNORE
             out[b][inside] = cls
-    return out
+    return out, means
 
 
 def test_a_mask_straddling_two_classes_takes_the_larger_mean_not_the_pixel_majority():
@@ -84,19 +86,26 @@ def test_the_threshold_sends_an_unsure_mask_to_ignore_and_keeps_a_sure_one():
     assert (method.classify_masks(scores, masks, num_masks=2, threshold=0.6)[0, :, :10] == 1).all()
 
 
-@pytest.mark.parametrize("threshold", [None, 0.55])
+@pytest.mark.parametrize("threshold", [None, 0.3])
 def test_batched_mask_classification_equals_a_per_mask_loop(threshold):
     """Coarse scores at another resolution and aspect (bilinear upsampling), an empty mask, two images."""
     g = torch.Generator().manual_seed(0)
-    scores = torch.rand(2, 5, 5, 7, generator=g).softmax(1)
+    scores = (3 * torch.rand(2, 5, 5, 7, generator=g)).softmax(1)
     blobs = torch.rand(2, 6, 3, 4, generator=g)
     masks = F.interpolate(blobs, size=(20, 28), mode="bilinear", align_corners=False).argmax(1)
     masks[1][masks[1] == 3] = 2  # image 1 has no mask 3
     out = method.classify_masks(scores, masks, num_masks=6, threshold=threshold)
-    assert torch.equal(out, _loop_reference(scores, masks, 6, threshold))
+    expected, means = _loop_reference(scores, masks, 6, threshold)
+    assert torch.equal(out, expected)
+    if threshold is not None:  # the threshold splits the masks: some named, some ignored
+        assert (out == IGNORE).any() and (out != IGNORE).any()
+    mean_scores = method.mask_mean_scores(scores, masks, 6)
+    present = ~means.isnan().any(-1)
+    assert not present[1, 3] and present.sum() == 11
+    torch.testing.assert_close(mean_scores[present], means[present])
     assert torch.equal(out, method.classify_masks(scores, masks, num_masks=6, threshold=threshold))
     # naming commutes with the nearest resize to the original size (so `assign`'s output can be named)
-    classes = method.classes_of_masks(method.mask_mean_scores(scores, masks, 6), threshold)
+    classes = method.classes_of_masks(mean_scores, threshold)
     big = F.interpolate(masks[:, None].float(), size=(45, 61), mode="nearest-exact")[:, 0].long()
     named_big = F.interpolate(out[:, None].float(), size=(45, 61), mode="nearest-exact")[:, 0].long()
     assert torch.equal(method.name_masks(big, classes), named_big)
@@ -147,6 +156,15 @@ def test_the_probe_recovers_a_separable_labelling(kind):
     cells = labels[:, ::4, ::4].long()
     keep = cells != IGNORE
     assert (scores.argmax(1)[keep] == cells[keep]).float().mean() >= 0.99
+
+
+@pytest.mark.parametrize("kind", ["linear", "prototype"])
+def test_a_class_without_training_pixels_is_reported_and_never_predicted(kind):
+    probe, fit = fit_probe([_separable(2, 0)], (*NAMES, "ring"), SOURCE, kind=kind)
+    assert fit.missing_classes == ["ring"] and "no training pixels of ring" in fit.summary()
+    features, grid, _ = _separable(2, 1)
+    features = features - 10.0  # far from every class: a zero prototype or an untrained row must not win
+    assert (probe.scores(features, grid)[:, 3] == 0).all()
 
 
 def test_cell_labels_skip_ignored_pixels_and_follow_the_grid_orientation():

@@ -181,9 +181,8 @@ class CLIPClassifier(nn.Module):
         ).hidden_states
         x = hidden[-2]  # (B, 1 + N, D): the input of the last block
         last = vision.encoder.layers[-1]
-        values = last.self_attn.out_proj(
-            last.self_attn.v_proj(last.layer_norm1(x))
-        )  # no attention, no residual
+        # the value path alone: no query-key attention, no residual, no MLP
+        values = last.self_attn.out_proj(last.self_attn.v_proj(last.layer_norm1(x)))
         tokens = vision.post_layernorm(values[:, 1:])  # the class token dropped
         return F.normalize(self.clip.visual_projection(tokens).float(), dim=-1)
 

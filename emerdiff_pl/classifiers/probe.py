@@ -401,13 +401,14 @@ def _fit_prototypes(
     mean = x.mean(0)
     unit = F.normalize(x - mean, dim=-1)
     prototypes = F.normalize((target * weight[:, None]).T @ unit, dim=-1)  # (C, D); absent classes stay 0
-    cosine = (unit @ prototypes.T).masked_fill(present == 0, float("-inf"))
+    seen = present > 0
+    cosine, target = unit @ prototypes[seen].T, target[:, seen]  # the classes with training pixels only
     log_scale = torch.zeros((), requires_grad=True)
     optimizer = torch.optim.LBFGS([log_scale], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        logp = (log_scale.exp() * cosine).log_softmax(-1).masked_fill(present == 0, 0.0)
+        logp = (log_scale.exp() * cosine).log_softmax(-1)
         loss = -(weight * (target * logp).sum(1)).sum() / weight.sum()
         loss.backward()
         return loss
