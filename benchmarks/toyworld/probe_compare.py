@@ -7,9 +7,12 @@ scenes (seed `--seed`, indices 0 …, evaluate.py's scenes):
 
 - pixel accuracy and named mIoU at the label resolution (scores upsampled bilinearly, argmax: "the probe alone");
 - accuracy at the 16×16 feature grid against each cell's majority label;
-- `kmeans_*`: the same probe naming the 16 k-means low-res masks (mask classification with bilinear masks,
-  the scores averaged inside each mask), as a cheap stand-in for EmerDiff's masks: mean probabilities (what
-  the segmenter averages) vs mean logits (= the logit of the mean feature, the paper's embedding average).
+- `km_prob` / `km_logit`: the same probe naming configs/toyworld.yaml's 16 k-means low-res masks (nearest-
+  upsampled; mask classification averages the scores inside each mask), a cheap stand-in for EmerDiff's masks:
+  mean probabilities (what the segmenter averages) vs mean logits (= the logit of the mean feature, the paper's
+  embedding average);
+- last table: the default probe naming k-means masks of `--kmeans-masks` sizes (how much a coarser partition
+  costs once masks are named).
 
     nice python benchmarks/toyworld/probe_compare.py --train-sizes 4,16 --num-heldout 16 --seed 0
 
@@ -42,7 +45,7 @@ VARIANTS = (
 
 
 def toy_features(num: int, seed: int, start: int, batch: int = 8):
-    """(features (n, N, D), grid, labels (n, H, W) uint8, lowres k-means masks (n, h, w)) of toy scenes."""
+    """(features (n, N, D), grid, labels (n, H, W) uint8, per-image seeds, latent size, segmenter) of toy scenes."""
     import numpy as np
     import torch
     import yaml
@@ -57,17 +60,27 @@ def toy_features(num: int, seed: int, start: int, batch: int = 8):
     scenes = list(toyworld.generate_scenes(num, seed, 128, start=start))
     images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255
     labels = torch.from_numpy(np.stack([s.labels for s in scenes]))
-    feats, lowres = [], []
+    seeds = [seed * 1_000_003 + start + j for j in range(num)]
+    feats = []
     with torch.no_grad():
         for i in range(0, num, batch):
             seg._ensure_ready()
             x0 = seg.encode(images[i : i + batch])
-            seeds = [seed * 1_000_003 + start + j for j in range(i, min(i + batch, num))]
-            _, f = seg.reference_pass(x0, seeds, "none")
-            grid = method.token_grid(f.shape[1], tuple(x0.shape[-2:]))
+            _, f = seg.reference_pass(x0, seeds[i : i + batch], "none")
             feats.append(f.float())
-            lowres.append(seg.lowres_masks(f, seeds, tuple(x0.shape[-2:]))[0])
-    return torch.cat(feats), grid, labels, torch.cat(lowres), seg.hparams.num_masks, seg
+    latent_hw = tuple(x0.shape[-2:])
+    grid = method.token_grid(feats[0].shape[1], latent_hw)
+    return torch.cat(feats), grid, labels, seeds, latent_hw, seg
+
+
+def kmeans_masks(features, seeds, latent_hw, num_masks: int, size):
+    """configs/toyworld.yaml's k-means masks of the features, nearest-upsampled to `size` (B, H, W)."""
+    import torch.nn.functional as F
+
+    from emerdiff_pl import method
+
+    lowres = method.lowres_masks(features, num_masks, seeds, latent_hw, n_init=5, max_iter=100)[0]
+    return F.interpolate(lowres[:, None].float(), size=size, mode="nearest-exact")[:, 0].long()
 
 
 def named_scores(pred, labels, num_classes: int) -> tuple[float, float]:
@@ -85,10 +98,9 @@ def named_scores(pred, labels, num_classes: int) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     import torch
-    import torch.nn.functional as F
 
     from emerdiff_pl import method
-    from emerdiff_pl.classifiers.probe import FeatureSource, fit_probe
+    from emerdiff_pl.classifiers.probe import DEFAULT_KIND, DEFAULT_TARGETS, FeatureSource, fit_probe
     from emerdiff_pl.datasets import toyworld
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,12 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-heldout", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--kmeans-masks",
+        default="16,32,64",
+        help="K of the k-means masks the default probe names (last table)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = [int(v) for v in args.train_sizes.split(",")]
     t0 = time.perf_counter()
     train_f, grid, train_y, _, _, seg = toy_features(max(sizes), args.seed, LABELLED_START)
-    held_f, _, held_y, held_lowres, k, _ = toy_features(args.num_heldout, args.seed, 0)
+    held_f, _, held_y, held_seeds, latent_hw, _ = toy_features(args.num_heldout, args.seed, 0)
     print(f"features {tuple(train_f.shape)} on a {grid} grid, {time.perf_counter() - t0:.1f} s", flush=True)
     hp = seg.hparams
     source = FeatureSource(
@@ -109,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     names = toyworld.CLASS_NAMES
     size = tuple(held_y.shape[-2:])
-    masks = F.interpolate(held_lowres[:, None].float(), size=size, mode="nearest-exact")[:, 0].long()
+    k = seg.hparams.num_masks
+    masks = kmeans_masks(held_f, held_seeds, latent_hw, k, size)
     results: dict[str, float] = {}
     print(
         f"{'N':>3} {'kind':<10} {'targets':<10} {'wd':>7} | {'acc':>6} {'mIoU':>6} {'cell':>6} | "
@@ -145,7 +163,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"{100 * miou_km_p:7.2f} {100 * miou_km_l:8.2f} | {fit.seconds:6.2f}",
                 flush=True,
             )
-    print(" ".join(f"{k}={v:.2f}" for k, v in results.items()))
+    print(
+        f"\nthe default probe ({DEFAULT_KIND}, {DEFAULT_TARGETS}) naming k-means masks (mIoU %, N = {sizes[-1]})"
+    )
+    probe, _ = fit_probe([(train_f, grid, train_y)], names, source)
+    with torch.no_grad():
+        probs = probe.scores(held_f, grid)
+    for num_masks in (int(v) for v in args.kmeans_masks.split(",")):
+        named = method.classify_masks(
+            probs, kmeans_masks(held_f, held_seeds, latent_hw, num_masks, size), num_masks
+        )
+        miou = named_scores(named, held_y, len(names))[1]
+        results[f"kmeans{num_masks}_named_n{sizes[-1]}"] = 100 * miou
+        print(f"  K = {num_masks:>3}: {100 * miou:6.2f}", flush=True)
+    print(" ".join(f"{name}={v:.2f}" for name, v in results.items()))
     return 0
 
 
