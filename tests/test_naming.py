@@ -29,7 +29,7 @@ from emerdiff_pl.classifiers import (
     id2label,
     read_class_names,
 )
-from emerdiff_pl.classifiers.clip import clip_input_size
+from emerdiff_pl.classifiers.clip import clip_input_size, save_tiny_random_clip
 from emerdiff_pl.classifiers.probe import cell_label_fractions
 
 IGNORE = method.IGNORE_CLASS
@@ -240,39 +240,8 @@ def test_the_probe_reads_features_of_the_current_segmenter():
 
 @pytest.fixture(scope="module")
 def tiny_clip_folder(tmp_path_factory) -> Path:
-    """A tiny random CLIPModel and its processor (the project's tiny tokenizer) saved as a user's folder."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from emerdiff_pl.backbone import _tiny_vocab, tiny_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(_tiny_vocab()),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        ),
-        vision_config=dict(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
-        projection_dim=8,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        CLIPModel(config).save_pretrained(folder)
-    CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tiny_tokenizer()).save_pretrained(folder)
-    return folder
+    """A tiny random CLIPModel and its processor saved as a user's folder (loaded from there like one)."""
+    return save_tiny_random_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 CLIP_NAMES = ("sky", "water, sea", "grass")
