@@ -15,10 +15,7 @@ from emerdiff_pl.classifiers.field import (
 from emerdiff_pl.classifiers.names import id2label, read_class_names
 from emerdiff_pl.classifiers.probe import FeatureSource, Probe, ProbeFit, fit_probe, probe_accuracy
 
-CLASSIFIERS = ("none", "probe", "clip", "field")
-
 __all__ = [
-    "CLASSIFIERS",
     "CLIPClassifier",
     "CoarseMapError",
     "FeatureSource",
