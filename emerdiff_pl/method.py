@@ -307,3 +307,79 @@ __all__ = [
     "smooth",
     "token_grid",
 ]
+
+
+# ==============================================================================================================
+# Named classes (issue 27; the paper's Table 3): mask classification.
+# A class-aware but coarse predictor gives per-pixel class scores (B, C, h', w'); each EmerDiff mask takes the
+# class with the highest mean score inside it. For scores linear in a pixel embedding (cosine with normalized
+# CLIP embeddings, a linear probe's logits) the mean score is the score of the mean embedding: the paper's
+# "embeddings averaged inside the mask". Appended as one section; nothing above depends on it.
+# ==============================================================================================================
+IGNORE_CLASS = 255
+
+
+def bilinear_class_scores(class_scores: Tensor, size: tuple[int, int]) -> Tensor:
+    """Coarse class scores (B, C, h', w') upsampled bilinearly to `size` → (B, C, H, W) float32: the score maps
+    of "the classifier alone" (`lowres_bilinear` with a classifier), and what each mask averages."""
+    if tuple(class_scores.shape[-2:]) == tuple(size):
+        return class_scores.float()
+    return F.interpolate(class_scores.float(), size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def mask_mean_scores(class_scores: Tensor, masks: Tensor, num_masks: int) -> Tensor:
+    """Mean class score inside each mask → (B, K, C): `class_scores` (B, C, h', w') upsampled bilinearly to the
+    resolution of `masks` (B, H, W) in [0, K), then averaged over each mask's pixels. An empty mask gets zeros."""
+    scores = bilinear_class_scores(class_scores, tuple(masks.shape[-2:]))
+    scores = scores.flatten(2).transpose(1, 2)  # (B, HW, C)
+    # a one-hot matmul rather than scatter_add_: deterministic on every device
+    one_hot = F.one_hot(masks.flatten(1).to(scores.device), num_masks).to(scores.dtype)  # (B, HW, K)
+    sums = one_hot.transpose(1, 2) @ scores  # (B, K, C)
+    counts = one_hot.sum(1)  # (B, K)
+    return sums / counts.clamp_min(1).unsqueeze(-1)
+
+
+def classes_of_masks(mean_scores: Tensor, threshold: float | None = None) -> Tensor:
+    """Each mask's class (B, K) int64: the argmax of its mean scores (B, K, C) (first on ties); masks whose best
+    mean score is below `threshold` (None: no threshold) get IGNORE_CLASS."""
+    classes = mean_scores.argmax(-1)
+    if threshold is not None:
+        best = mean_scores.gather(-1, classes.unsqueeze(-1)).squeeze(-1)
+        classes = classes.masked_fill(best < threshold, IGNORE_CLASS)
+    return classes
+
+
+def name_masks(labels: Tensor, classes: Tensor) -> Tensor:
+    """Mask ids (B, H, W) in [0, K) at any size → class ids (B, H, W), given each mask's class (B, K). Mask ids
+    resized nearest then named = named then resized, so `assign`'s output at the original size can be named."""
+    return classes.to(labels.device).gather(1, labels.flatten(1)).view_as(labels)
+
+
+def classify_masks(
+    class_scores: Tensor, masks: Tensor, num_masks: int, threshold: float | None = None
+) -> Tensor:
+    """The mask-classification step: EmerDiff masks (B, H, W) in [0, K) → class ids (B, H, W) in [0, C) or
+    IGNORE_CLASS, each mask named by its highest mean class score (`class_scores` (B, C, h', w'))."""
+    return name_masks(masks, classes_of_masks(mask_mean_scores(class_scores, masks, num_masks), threshold))
+
+
+def assign_classes(scores: Tensor, output_size: tuple[int, int], threshold: float | None = None) -> Tensor:
+    """`assign` for class score maps (B, C, h, w): argmax over C (pixels whose best score is below `threshold`
+    → IGNORE_CLASS), resized nearest to `output_size`. With `bilinear_class_scores`: the classifier alone."""
+    labels = scores.argmax(1)
+    if threshold is not None:
+        best = scores.gather(1, labels.unsqueeze(1)).squeeze(1)
+        labels = labels.masked_fill(best < threshold, IGNORE_CLASS)
+    resized = F.interpolate(labels[:, None].float(), size=tuple(output_size), mode="nearest-exact")
+    return resized.squeeze(1).long()
+
+
+__all__ += [
+    "IGNORE_CLASS",
+    "assign_classes",
+    "bilinear_class_scores",
+    "classes_of_masks",
+    "classify_masks",
+    "mask_mean_scores",
+    "name_masks",
+]
