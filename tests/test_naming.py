@@ -225,10 +225,10 @@ def test_the_probe_reads_features_of_the_current_segmenter():
     seg._ensure_ready()
     images = smooth_images(2)
     x0 = seg.encode(images)
-    _, features = seg.reference_pass(x0, [0, 0], "none")
+    _, features = method.reference_pass(seg.frozen_model(), x0, [0, 0], seg.config, "none")
     grid = method.token_grid(features.shape[1], tuple(x0.shape[-2:]))
     labels = (images[:, 0] > 0.5).to(torch.uint8)  # (B, 64, 64): two classes
-    source = FeatureSource("tiny-random", seg.hparams.feature_layer, 1, features.shape[-1], 64, "keep_aspect")
+    source = FeatureSource("tiny-random", seg.config.feature_layer, 1, features.shape[-1], 64, "keep_aspect")
     probe, fit = fit_probe([(features, grid, labels)], ("dark", "bright"), source)
     assert probe.scores(features, grid).shape == (2, 2, *grid) and 0 <= fit.train_accuracy <= 1
 
