@@ -3,8 +3,8 @@
 
     python benchmarks/stop_time.py [--config configs/tiny.yaml] [--batch-sizes 1 2 4 8] [--trials 3]
 
-A run checks for SIGTERM between batches, so the stop waits for the batch in flight: it must fit SLURM's
-grace period before SIGKILL (KillWait, 30 s by default). Prints, per batch size, the time per image and the
+A run checks for SIGTERM before every U-Net call and decode (the batch in flight is dropped), so the stop waits
+for one call, not for the batch: it must fit SLURM's grace period before SIGKILL (KillWait, 30 s by default). Prints, per batch size, the time per image and the
 stop times (mean and max over the trials, each signal sent at a random point of the run). No weights needed with
 the tiny config; a few minutes on a 2-core CPU.
 """

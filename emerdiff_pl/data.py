@@ -9,7 +9,6 @@ already written by an earlier attempt, or recorded as failures by one, are skipp
 
 from __future__ import annotations
 
-import os
 import signal
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from emerdiff_pl.codec import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, image_field
 from emerdiff_pl.fields import IMAGE_EXTENSIONS, is_image_file
 from emerdiff_pl.inputs import READ_ALL, InputPolicy, ReadPlan
+from emerdiff_pl.manifest import array_task
 from emerdiff_pl.paths import expand_urls, list_folder, safe_key
 from emerdiff_pl.shardio import iter_tar
 from emerdiff_pl.writer import PseudoLabelWriter
@@ -31,27 +31,6 @@ from emerdiff_pl.writer import PseudoLabelWriter
 # --------------------------------------------------------------------------------------------------------------
 # splitting
 # --------------------------------------------------------------------------------------------------------------
-
-
-def array_task(index: int | None = None, count: int | None = None) -> tuple[int, int]:
-    """Resolve (array_index, array_count): explicit values win, else ``SLURM_ARRAY_TASK_ID`` /
-    ``SLURM_ARRAY_TASK_COUNT``, else (0, 1).
-
-    Arrays must be numbered from 0 (``--array=0-99%16``). When resubmitting some tasks (``--array=3,17``) SLURM
-    reports a smaller count, so pass the original ``array_count`` explicitly (slurm/array.sbatch does).
-    """
-    env = os.environ
-    if count is None:
-        count = int(env.get("SLURM_ARRAY_TASK_COUNT", "1"))
-    if index is None:
-        index = int(env.get("SLURM_ARRAY_TASK_ID", "0"))
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(
-            f"array task index {index} is not in [0, {count}) (array_count={count}): number SLURM arrays from 0 "
-            "(--array=0-N), and when resubmitting a subset of tasks (--array=3,17) pass the original "
-            "--data.array_count"
-        )
-    return index, count
 
 
 def partition(items: Sequence[Any], index: int, count: int) -> list[Any]:
@@ -409,7 +388,6 @@ class EmerDiffDataModule(pl.LightningDataModule):
 __all__ = [
     "EmerDiffDataModule",
     "ImageStream",
-    "array_task",
     "deal",
     "ignore_sigterm",
     "partition",

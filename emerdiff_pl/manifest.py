@@ -36,6 +36,27 @@ _TAG_PATTERN = re.compile(
 )
 
 
+def array_task(index: int | None = None, count: int | None = None) -> tuple[int, int]:
+    """Resolve (array_index, array_count): explicit values win, else ``SLURM_ARRAY_TASK_ID`` /
+    ``SLURM_ARRAY_TASK_COUNT``, else (0, 1).
+
+    Arrays must be numbered from 0 (``--array=0-99%16``). When resubmitting some tasks (``--array=3,17``) SLURM
+    reports a smaller count, so pass the original ``array_count`` explicitly (slurm/array.sbatch does).
+    """
+    env = os.environ
+    if count is None:
+        count = int(env.get("SLURM_ARRAY_TASK_COUNT", "1"))
+    if index is None:
+        index = int(env.get("SLURM_ARRAY_TASK_ID", "0"))
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(
+            f"array task index {index} is not in [0, {count}) (array_count={count}): number SLURM arrays from 0 "
+            "(--array=0-N), and when resubmitting a subset of tasks (--array=3,17) pass the original "
+            "--data.array_count"
+        )
+    return index, count
+
+
 def task_prefix(array_index: int, array_count: int, rank: int, world_size: int) -> str:
     """The file-name prefix owned by one process: its array task and rank (e.g. ``a0003of0007-r000of002``)."""
     return f"a{array_index:04d}of{array_count:04d}-r{rank:03d}of{world_size:03d}"

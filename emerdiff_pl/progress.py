@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tarfile
 import threading
 import time
 from typing import Any, NamedTuple, TextIO
@@ -31,23 +30,6 @@ class InputCount(NamedTuple):
 
     total: int | None
     exact: bool
-
-
-def count_tar_samples(path: str) -> int:
-    """Samples in a tar shard, from its member headers (the data is skipped, not read)."""
-    from emerdiff_pl.shardio import open_tar, walk_tar
-
-    count, last = 0, None
-    try:
-        with open_tar(path, seekable=True) as tar:
-            for member in walk_tar(tar):
-                if member.key is None or member.key.split("/")[-1].startswith("__"):
-                    continue
-                if member.key != last:
-                    count, last = count + 1, member.key
-    except (tarfile.TarError, OSError, EOFError):
-        pass  # a broken shard: the samples before the break count, the break itself becomes one failure
-    return count
 
 
 def count_inputs(
@@ -316,7 +298,6 @@ __all__ = [
     "ImageProgressBar",
     "InputCount",
     "count_inputs",
-    "count_tar_samples",
     "format_duration",
     "format_rate",
 ]

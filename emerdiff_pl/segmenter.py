@@ -17,6 +17,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderTiny
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
 from emerdiff_pl import attention as attn
@@ -210,9 +211,18 @@ class EmerDiffSegmenter(L.LightningModule):
         }
 
     # ------------------------------------------------------------------ the frozen model
+    def stop_if_asked(self) -> None:
+        """Raise SIGTERMException(143) once the trainer has received SIGTERM (preemption, `scancel`, a time limit):
+        checked before every U-Net call and decode, so a stop waits for one call, not for the batch in flight
+        (which is dropped and redone on resume), and fits SLURM's grace period before SIGKILL."""
+        trainer = self._trainer
+        if trainer is not None and trainer.received_sigterm:
+            raise SIGTERMException(143)
+
     def call_unet(self, x: Tensor, t: int | Tensor, emb: Tensor) -> Tensor:
         """Every U-Net call of the method goes through here (`t`: one timestep for every row, or a tensor with
         each row's); wrap it to count calls and rows (benchmarks/throughput.py's `count_unet_calls`)."""
+        self.stop_if_asked()
         dtype = self.unet.dtype
         timestep = t.to(x.device) if isinstance(t, Tensor) else torch.full((x.shape[0],), t, device=x.device)
         return self.unet(x.to(dtype), timestep, encoder_hidden_states=emb.expand(x.shape[0], -1, -1)).sample
@@ -240,9 +250,10 @@ class EmerDiffSegmenter(L.LightningModule):
         # so it gets them as they are. Both return unclamped [-1, 1] images (TAESD maps its [0, 1] by 2x − 1).
         decoder = self.taesd if self.taesd is not None else self.vae
         scale = decoder.config.scaling_factor
-        parts = [
-            decoder.decode((z / scale).to(decoder.dtype)).sample.float() for z in latents.split(max(1, chunk))
-        ]
+        parts = []
+        for z in latents.split(max(1, chunk)):
+            self.stop_if_asked()
+            parts.append(decoder.decode((z / scale).to(decoder.dtype)).sample.float())
         return torch.cat(parts)
 
     def frozen_model(self) -> method.FrozenModel:

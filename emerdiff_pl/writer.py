@@ -46,6 +46,7 @@ from emerdiff_pl.inputs import ReadPlan
 from emerdiff_pl.manifest import (
     OutputState,
     TaskLock,
+    array_task,
     failed_keys,
     lock_path,
     new_run_id,
@@ -197,8 +198,6 @@ class PseudoLabelWriter(BasePredictionWriter):
             if datamodule is not None and hasattr(datamodule, "array_index"):
                 self.array_index, self.array_count = datamodule.array_index, datamodule.array_count
             else:
-                from emerdiff_pl.data import array_task
-
                 self.array_index, self.array_count = array_task()
             self.rank, self.world_size = trainer.global_rank, trainer.world_size
             self.prefix = task_prefix(self.array_index, self.array_count, self.rank, self.world_size)

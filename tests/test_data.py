@@ -9,8 +9,9 @@ from conftest import MIXED_MAX_PIXELS, bad_inputs, encode, good_inputs, make_sha
 from PIL import Image
 
 from emerdiff_pl.codec import ImageDecodeError, decode_image
-from emerdiff_pl.data import EmerDiffDataModule, ImageStream, array_task, partition
+from emerdiff_pl.data import EmerDiffDataModule, ImageStream, partition
 from emerdiff_pl.inputs import InputPolicy, ReadPlan
+from emerdiff_pl.manifest import array_task
 from emerdiff_pl.paths import expand_urls as expand_shard_urls
 from emerdiff_pl.paths import file_key, list_folder
 

@@ -4,7 +4,6 @@ is counted in images, runs are quiet, light subcommands start without torch, and
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from PIL import Image
 
 from emerdiff_pl import cli
 from emerdiff_pl.commands.predict import cli_main
-from emerdiff_pl.progress import ImageProgressBar, InputCount, count_tar_samples, format_rate
+from emerdiff_pl.progress import ImageProgressBar, InputCount, format_rate
 from emerdiff_pl.validation import UserError, check_model_settings
 from emerdiff_pl.writer import WriterCounts
 
@@ -183,14 +182,6 @@ def test_progress_line_shows_done_of_total_seconds_per_image_and_eta():
     assert format_rate(0.25) == "4.0 images/s" and format_rate(2.0) == "2.0 s/image"
     bar.count = InputCount(None, False)
     assert bar.line(now=8.0).startswith("4 images ·")
-
-
-def test_tar_sample_count_reads_headers_and_survives_truncation(tmp_path: Path, mixed_shards: dict):
-    make_shards(tmp_path / "s", num_shards=1, per_shard=7)
-    assert count_tar_samples(str(tmp_path / "s" / "in-000000.tar")) == 7  # 7 samples of 2 fields
-    assert count_tar_samples(mixed_shards["corrupt_tar"]) == 1  # cut inside its first sample
-    with tarfile.open(tmp_path / "s" / "in-000000.tar") as tar:
-        assert len(tar.getmembers()) == 14
 
 
 def test_predict_logs_image_counts_without_a_terminal_and_stays_quiet(tmp_path: Path, fake_cli: Path):

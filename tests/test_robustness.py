@@ -89,6 +89,52 @@ def test_second_start_of_a_running_task_is_refused_and_sigterm_to_the_group_exit
     assert merge(out)["unfinished_array_tasks"] == []
 
 
+def test_sigterm_stops_the_batch_in_flight_at_its_next_unet_call_and_resume_redoes_it(tmp_path: Path):
+    """A stop must fit SLURM's grace period: after SIGTERM not one more U-Net call runs (the batch in flight is
+    dropped, not finished), the finished shards and the summary are kept, and a rerun labels each key once."""
+    from conftest import FAST_SEGMENTER
+
+    from emerdiff_pl.segmenter import EmerDiffSegmenter
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(random_rgb(24, 24, seed=i)).save(folder / f"im{i}.png")
+    model = EmerDiffSegmenter(**FAST_SEGMENTER)
+    calls_after_sigterm = []
+    unet_call = model.call_unet
+
+    def counted(*args, **kwargs):
+        out = unet_call(*args, **kwargs)
+        if model.trainer.received_sigterm:
+            calls_after_sigterm.append(1)
+        return out
+
+    model.call_unet = counted
+
+    class SigtermInSecondBatch(pl.Callback):  # what Lightning's SIGTERM handler does, as batch 1 starts
+        def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            if batch_idx == 1:
+                trainer._signal_connector.received_sigterm = True
+
+    out = tmp_path / "out"
+    writer = PseudoLabelWriter(str(out), samples_per_shard=2)
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[writer, SigtermInSecondBatch()]
+    )
+    data = {"folder": str(folder), "batch_size": 3, "num_workers": 0}
+    with pytest.raises(SystemExit) as stop:
+        trainer.predict(model, datamodule=EmerDiffDataModule(**data), return_predictions=False)
+    assert stop.value.code == 143 and calls_after_sigterm == []
+    first = read_output(out)
+    assert len(first["keys"]) == 3 and not first["failures"] and not first["temp"]
+    assert [s["status"] for s in first["summaries"]] == ["interrupted: SIGTERMException: 143"]
+
+    model.call_unet = unet_call
+    predict(out, model, **data)
+    assert sorted(read_output(out)["keys"]) == sorted(f"im{i}_png" for i in range(6))
+
+
 def test_stale_lock_file_of_a_dead_process_does_not_block(tmp_path: Path):
     keys = make_shards(tmp_path / "in", num_shards=1, per_shard=3, size=8)
     out = tmp_path / "out"
