@@ -10,12 +10,16 @@ Layout of ``output_dir`` (``<tag>`` = ``<prefix>-<run id>``; ``<prefix>`` = ``a<
     failures-<tag>.jsonl     one line per input that could not be labelled: {"key", "url", "reason", ...}
     summary-<tag>.json       done / skipped / failed / wall time / images per second, and the run status
     config-<tag>.yaml        the resolved CLI config (written by the CLI)
+    settings.json            the settings that shape the labels, recorded by the folder's first run
+    settings-<tag>.json      a run's own, where it differs (writer.allow_changed_settings)
 
 Guarantees (see slurm/README.md): one process per task prefix at a time (a second start exits with a message
 naming the owner; a dead owner's lock is released by the kernel); a visible ``.tar`` is complete and its manifest
 line records its size and checksum, which resume verifies (a shard that no longer matches is renamed
 ``<name>.corrupt`` and its keys are redone); a sample that cannot be decoded, encoded or written is recorded in
-the failures file and the run goes on, and reruns skip recorded failures unless ``retry_failures``.
+the failures file and the run goes on, and reruns skip recorded failures unless ``retry_failures``; a rerun
+whose label-shaping settings (``EmerDiffConfig.label_settings``) differ from the folder's is refused before it
+writes anything, naming them, unless ``allow_changed_settings``.
 ``emerdiff-pl merge-manifests OUTPUT_DIR`` (:mod:`emerdiff_pl.commands.merge`) folds everything into
 ``manifest.jsonl``, ``failures.jsonl`` and ``summary.json``, and names the array tasks to resubmit.
 """
@@ -46,6 +50,8 @@ from emerdiff_pl.inputs import ReadPlan
 from emerdiff_pl.manifest import (
     OutputState,
     TaskLock,
+    check_settings,
+    describe_changes,
     failed_keys,
     lock_path,
     new_run_id,
@@ -132,6 +138,10 @@ class PseudoLabelWriter(BasePredictionWriter):
         include_image: Also store the input image, so the shards are a training set on their own: the input's
             bytes unchanged as ``<key>.jpg`` / ``<key>.png`` when it is a JPEG / PNG without EXIF rotation,
             else the decoded original (the labels' pixel grid) as ``<key>.jpg``.
+        allow_changed_settings: Label into a folder whose earlier labels were made with other label-shaping
+            settings (``model.*`` other than runtime-only ones such as ``max_branch_batch``). By default such a
+            rerun is refused, naming the settings that differ; allowed, its settings are recorded in
+            ``settings-<tag>.json`` (and, as always, in every sample's ``<key>.json``).
     """
 
     def __init__(
@@ -141,6 +151,7 @@ class PseudoLabelWriter(BasePredictionWriter):
         overlay: bool = False,
         retry_failures: bool = False,
         include_image: bool = False,
+        allow_changed_settings: bool = False,
     ):
         super().__init__(write_interval="batch")
         if samples_per_shard < 1:
@@ -150,6 +161,8 @@ class PseudoLabelWriter(BasePredictionWriter):
         self.overlay = overlay
         self.retry_failures = retry_failures
         self.include_image = include_image
+        self.allow_changed_settings = allow_changed_settings
+        self.settings_changes: dict[str, tuple[Any, Any]] = {}
         self.run_id: str | None = None
         self.prefix: str | None = None
         self.array_index, self.array_count, self.rank, self.world_size = 0, 1, 0, 1
@@ -216,6 +229,7 @@ class PseudoLabelWriter(BasePredictionWriter):
         self.run_id = trainer.strategy.broadcast(self.run_id)  # one run id for all ranks of a DDP job
         self.output_dir.mkdir(parents=True, exist_ok=True)
         assert self.prefix is not None
+        self._check_settings(trainer, pl_module)  # before the lock: an idle folder's record may be replaced
         lock = TaskLock(lock_path(self.output_dir, self.prefix))
         lock.acquire(self.run_id)  # raises TaskLockedError while another live process runs this task
         self._lock = lock
@@ -233,6 +247,31 @@ class PseudoLabelWriter(BasePredictionWriter):
             keep_bytes=self.include_image,  # the input's own bytes, stored as they are
             keep_originals=self.overlay or self.include_image,
         )
+
+    def _check_settings(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse a run whose label-shaping settings differ from the ones the folder's labels were made with;
+        with ``allow_changed_settings``, record this run's in ``settings-<tag>.json`` and go on. A model without
+        a ``config.label_settings()`` (an EmerDiffConfig) is not checked."""
+        config = getattr(pl_module, "config", None)
+        if not callable(getattr(config, "label_settings", None)):
+            return
+        settings = _jsonable(config.label_settings())
+        defaults = _jsonable(config.label_defaults()) if hasattr(config, "label_defaults") else {}
+        self.settings_changes = check_settings(
+            self.output_dir, settings, defaults, allow_changed=self.allow_changed_settings
+        )
+        if not self.settings_changes:
+            return
+        changed = {name: list(pair) for name, pair in self.settings_changes.items()}
+        record = {"label_settings": settings, "changed": changed, "run_id": self.run_id}
+        self._file("settings", ".json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+        if trainer.is_global_zero:
+            print(
+                f"warning: {self.output_dir} holds labels of other settings ({describe_changes(self.settings_changes)}"
+                f"); mixing them as --writer.allow_changed_settings asks, recorded in "
+                f"{self._file('settings', '.json').name}",
+                file=sys.stderr,
+            )
 
     def _quarantine(self, state: OutputState) -> None:
         """Say which finished shards failed their checks; rename this task's own out of the way (``.corrupt``),
@@ -494,6 +533,9 @@ class PseudoLabelWriter(BasePredictionWriter):
             "rank": self.rank,
             "world_size": self.world_size,
             "output_dir": str(self.output_dir),
+            **(
+                {"settings_changed": describe_changes(self.settings_changes)} if self.settings_changes else {}
+            ),
         }
         path = self._file("summary", ".json")
         tmp = path.with_name("." + path.name + ".tmp")

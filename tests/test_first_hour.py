@@ -324,3 +324,93 @@ def test_progress_total_leaves_out_inputs_earlier_runs_finished_or_recorded_as_f
         add_images("d", "e", "f")
     # the earlier run's 2 done inputs and its 1 failure are left out of the total: 3 to go, and the count ends there
     assert _bar_total(out, ColourQuantizer(poison_key=poison), **both) == (3, 3)
+
+
+# ==== the second hour (issue 31) ===================================================================================
+
+# ---- 1. a rerun with other settings is refused, naming them --------------------------------------------------------
+
+
+def test_label_settings_are_every_config_field_but_the_runtime_only_ones():
+    import dataclasses
+
+    from emerdiff_pl.config import EmerDiffConfig
+
+    config = EmerDiffConfig()
+    runtime = set(config.hparams()) - set(config.label_settings())
+    assert runtime == {
+        "max_branch_batch", "attention_backend", "channels_last", "group_norm_kernel", "prefix_sharing",
+        "batched_reference", "compile",
+    }  # fmt: skip
+    assert {"num_masks", "seed", "resolution", "modulation_timestep", "pretrained", "dtype"} <= set(
+        config.label_settings()
+    )
+
+    @dataclasses.dataclass(frozen=True)
+    class Later(EmerDiffConfig):  # a setting added to the config later counts without being listed anywhere
+        classifier: str | None = None
+
+    assert "classifier" in Later().label_settings() and Later.label_defaults()["classifier"] is None
+
+
+def _predict_main(script: Path, out: Path, folder: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(script), "predict", "--trainer.accelerator", "cpu", "--data.folder", str(folder),
+         "--data.num_workers", "0", "--writer.output_dir", str(out), *args],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def _photos(folder: Path, count: int, size: tuple[int, int] = (24, 32)) -> Path:
+    from conftest import encode, random_rgb
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        (folder / f"p{i}.jpg").write_bytes(encode(Image.fromarray(random_rgb(*size, seed=i)), "JPEG"))
+    return folder
+
+
+def test_rerun_with_other_settings_is_refused_naming_them_and_same_settings_resume(tmp_path: Path, fake_main):
+    script, folder, out = fake_main("ConfiguredQuantizer"), _photos(tmp_path / "in", 3), tmp_path / "out"
+    first = _predict_main(script, out, folder, "--model.num_masks", "4")
+    assert first.returncode == 0, first.stderr
+    files = _files(out)
+    changed = _predict_main(script, out, folder, "--model.num_masks", "8")
+    assert changed.returncode == 2, changed.stdout + changed.stderr
+    assert "model.num_masks 4 → 8" in changed.stderr and "Traceback" not in changed.stderr
+    assert (
+        "--writer.output_dir" in changed.stderr and "--writer.allow_changed_settings true" in changed.stderr
+    )
+    assert _files(out) == files  # refused before writing anything
+    # runtime-only settings (rows per U-Net call, ...) are no change: the same settings resume
+    same = _predict_main(script, out, folder, "--model.num_masks", "4", "--model.delay", "0.01")
+    assert same.returncode == 0 and "0 labelled, 3 skipped (already done)" in same.stdout, same.stderr
+    _photos(folder, 4)  # one new image, labelled with K = 8 on purpose
+    mixed = _predict_main(
+        script, out, folder, "--model.num_masks", "8", "--writer.allow_changed_settings", "true"
+    )
+    assert mixed.returncode == 0 and "1 labelled, 3 skipped" in mixed.stdout, mixed.stderr
+    assert "model.num_masks 4 → 8" in mixed.stderr
+    (record,) = [json.loads(p.read_text()) for p in out.glob("settings-*.json")]
+    assert record["changed"] == {"num_masks": [4, 8]} and record["label_settings"]["num_masks"] == 8
+    assert json.loads((out / "settings.json").read_text())["label_settings"]["num_masks"] == 4
+
+
+def test_settings_record_is_created_once_and_compared_by_concurrent_writers(tmp_path: Path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from emerdiff_pl.manifest import SettingsChangedError, check_settings
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a0000of0002-r000of001-20260101T000000Z-abcdef-000000.tar").write_bytes(b"")  # labels exist
+    with ThreadPoolExecutor(8) as pool:  # eight tasks starting at once: one record, all agree
+        results = list(pool.map(lambda _: check_settings(out, {"num_masks": 4}), range(8)))
+    assert results == [{}] * 8 and json.loads((out / "settings.json").read_text())["label_settings"] == {
+        "num_masks": 4
+    }
+    with pytest.raises(SettingsChangedError, match="num_masks 4 → 5"):
+        check_settings(out, {"num_masks": 5})
+    assert check_settings(out, {"num_masks": 5}, allow_changed=True) == {"num_masks": (4, 5)}
+    # a setting the record predates counts as its default
+    assert check_settings(out, {"num_masks": 4, "classifier": None}, {"classifier": None}) == {}
