@@ -2,6 +2,7 @@
 is counted in images, runs are quiet, light subcommands start without torch, and `show` reads image folders."""
 
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -414,3 +415,101 @@ def test_settings_record_is_created_once_and_compared_by_concurrent_writers(tmp_
     assert check_settings(out, {"num_masks": 5}, allow_changed=True) == {"num_masks": (4, 5)}
     # a setting the record predates counts as its default
     assert check_settings(out, {"num_masks": 4, "classifier": None}, {"classifier": None}) == {}
+
+
+# ---- 2. and 3. every command takes the folder predict read; evaluate takes a folder of label PNGs -----------------
+
+
+def _labelled(tmp_path: Path, folder: Path) -> Path:
+    """The stand-in's labels of ``folder`` (no images stored), relabelled into 3 classes."""
+    import lightning.pytorch as pl
+    from conftest import ColourQuantizer
+
+    from emerdiff_pl.commands.relabel import main as relabel_main
+    from emerdiff_pl.data import EmerDiffDataModule
+    from emerdiff_pl.writer import PseudoLabelWriter
+
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                         callbacks=[PseudoLabelWriter(str(tmp_path / "pred"))])  # fmt: skip
+    data = EmerDiffDataModule(folder=str(folder), num_workers=0)
+    trainer.predict(ColourQuantizer(), datamodule=data, return_predictions=False)
+    relabel_main(["--input", str(tmp_path / "pred"), "--output", str(tmp_path / "rel"), "--num-classes", "3",
+                  "--device", "cpu"])  # fmt: skip
+    return tmp_path / "rel"
+
+
+def test_export_takes_the_image_folder_predict_read(tmp_path: Path, image_folder: dict):
+    from emerdiff_pl.paths import list_folder
+
+    rel = _labelled(tmp_path, image_folder["root"])
+    out = tmp_path / "export"
+    assert (
+        cli.main(["export", "--input", str(rel), "--images", str(image_folder["root"]), "--out", str(out)])
+        == 0
+    )
+    paths = dict(list_folder(image_folder["root"]))
+    exported = sorted(
+        p.relative_to(out / "images").with_suffix("").as_posix() for p in out.rglob("images/**/*.png")
+    )
+    assert exported == sorted(paths)  # every image, keyed as predict keyed it (a.jpg → a_jpg)
+    for key, path in paths.items():
+        with Image.open(path) as source, Image.open(out / "images" / f"{key}.png") as copy:
+            assert np.array_equal(np.asarray(source.convert("RGB")), np.asarray(copy))
+
+
+def test_image_shards_are_keyed_as_predict_keys_them(tmp_path: Path):
+    """A tar of a folder (``tar cf photos.tar -C photos .``: members ``./p0.jpg``) read by export, show or a
+    training set gives the keys predict gave (``p0``), not the member names."""
+    from conftest import write_tar
+
+    from emerdiff_pl.sources import image_of, open_images
+
+    folder = _photos(tmp_path / "photos", 2)
+    tar = write_tar(
+        tmp_path / "photos.tar", [(f"./p{i}", {"jpg": (folder / f"p{i}.jpg").read_bytes()}) for i in range(2)]
+    )
+    images = open_images(str(tar))
+    assert sorted(images.keys()) == ["p0", "p1"] and image_of(images, "p0").shape == (24, 32, 3)
+    assert sorted(open_images(folder).keys()) == ["p0_jpg", "p1_jpg"]
+
+
+def _label_folder(tmp_path: Path) -> tuple[Path, Path]:
+    """Images in nested folders with awkward names, and where their label PNGs go (named like the images)."""
+    from conftest import encode, random_rgb
+
+    images, labels = tmp_path / "photos", tmp_path / "masks"
+    for rel, fmt in (("p0.jpg", "JPEG"), ("sub dir/p1.png", "PNG"), ("x.y.jpeg", "JPEG")):
+        (images / rel).parent.mkdir(parents=True, exist_ok=True)
+        (images / rel).write_bytes(encode(Image.fromarray(random_rgb(16, 24, seed=len(rel))), fmt))
+    return images, labels
+
+
+def test_evaluate_scores_against_a_folder_of_label_pngs_named_like_the_images(tmp_path: Path, capsys):
+    from emerdiff_pl.shardio import iter_samples
+
+    images, labels = _label_folder(tmp_path)
+    _labelled(tmp_path, images)
+    for sample in iter_samples(str(tmp_path / "pred"), fields={"seg.png", "json"}):  # the truth: the labels
+        stem = Path(sample["json"]["url"]).relative_to(images).with_suffix("").as_posix()
+        (labels / stem).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(sample["seg.png"]).save(labels / f"{stem}.png")
+    code = cli.main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(labels), "--num-classes", "4",
+                     "--protocol", "per-image"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "3 images scored" in captured.out and "only" not in captured.err
+    assert re.search(r"mIoU\s+100\.00", captured.out), captured.out
+
+
+def test_evaluate_names_the_missing_ground_truth_member(tmp_path: Path, capsys):
+    rel = _labelled(tmp_path, _photos(tmp_path / "in", 2))
+    assert cli.main(["evaluate", "--pred", str(rel), "--gt", str(rel), "--num-classes", "3"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"sample 'p0_jpg' of .* has no 'gt.png' member \(its members: .*seg.png", err), err
+    assert "is --gt the ground truth" in err and "same images" not in err
+    labels = tmp_path / "masks"
+    labels.mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(labels / "other.png")
+    assert cli.main(["evaluate", "--pred", str(rel), "--gt", str(labels), "--num-classes", "3"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"no label file p0.png .* for prediction 'p0_jpg'", err) and "other.png" in err, err
