@@ -160,10 +160,10 @@ def main(argv: list[str] | None = None) -> int:
             cli_main(None)  # None: LightningCLI reads sys.argv, which a DDP launcher re-runs
             return 0
         return run_subcommand(command, rest)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if debug_enabled():
             raise
-        print(f"emerdiff-pl {command}: interrupted", file=sys.stderr)
+        print(f"emerdiff-pl {command}: interrupted" + (f": {err}" if str(err) else ""), file=sys.stderr)
         return 130
     except Exception as err:
         if debug_enabled() or not is_user_error(err):

@@ -172,6 +172,8 @@ class PseudoLabelWriter(BasePredictionWriter):
         self._plan: ReadPlan | None = None
         self._lock: TaskLock | None = None
         self.shards_written: list[str] = []
+        self.kept_samples = 0  # samples in the shards this run finished
+        self.stopped_by: BaseException | None = None  # what interrupted the run (on_exception)
         self.done = self.skipped = self.skipped_failed = self.failed = 0
         self._segment_seconds = 0.0
         self._start: float | None = None
@@ -200,6 +202,13 @@ class PseudoLabelWriter(BasePredictionWriter):
     def counts(self) -> WriterCounts:
         """Inputs so far: labelled, skipped (done before), skipped (failed before, not retried), failed."""
         return WriterCounts(self.done, self.skipped, self.skipped_failed, self.failed)
+
+    def kept(self) -> str:
+        """What an interrupted run kept and how to go on (the CLI's message after Ctrl-C)."""
+        return (
+            f"kept {self.kept_samples} image(s) labelled by this run in {len(self.shards_written)} finished "
+            f"shard(s) under {self.output_dir}; rerun the same command to resume (finished images are skipped)"
+        )
 
     # ---- naming -------------------------------------------------------------------------------------------
 
@@ -386,6 +395,7 @@ class PseudoLabelWriter(BasePredictionWriter):
     ) -> None:
         """Keep the complete samples of the open shard (a torn one, or one that cannot be closed, is dropped),
         then write the summary: also after a full disk, whose partial shard is removed first."""
+        self.stopped_by = exception
         if self._lock is None or not self._lock.held:
             return  # never started (e.g. the task lock is held by another process): nothing of ours to close
         shard, self._shard = self._shard, None
@@ -480,6 +490,7 @@ class PseudoLabelWriter(BasePredictionWriter):
             return
         shard.close()  # on failure the temporary file is removed and the error propagates
         self.shards_written.append(shard.name)
+        self.kept_samples += len(shard.keys)
         record = {
             "shard": shard.name,
             "count": len(shard.keys),

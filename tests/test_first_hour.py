@@ -513,3 +513,37 @@ def test_evaluate_names_the_missing_ground_truth_member(tmp_path: Path, capsys):
     assert cli.main(["evaluate", "--pred", str(rel), "--gt", str(labels), "--num-classes", "3"]) == 2
     err = capsys.readouterr().err
     assert re.search(r"no label file p0.png .* for prediction 'p0_jpg'", err) and "other.png" in err, err
+
+
+# ---- 4. Ctrl-C -------------------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_keeps_finished_shards_says_how_to_resume_and_exits_130(tmp_path: Path, fake_main):
+    import os
+    import signal
+    import time
+
+    from conftest import read_output
+
+    from emerdiff_pl.manifest import scan_output
+
+    folder, out = _photos(tmp_path / "in", 6), tmp_path / "out"
+    command = [sys.executable, str(fake_main()), "predict", "--trainer.accelerator", "cpu", "--data.folder",
+               str(folder), "--data.num_workers", "1", "--writer.output_dir", str(out),
+               "--writer.samples_per_shard", "1", "--model.delay", "1.0"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not list(out.glob("*.tar")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stdout + stderr
+    kept = read_output(out)
+    assert kept["keys"] and not kept["temp"] and not scan_output(out, checksum=True).bad
+    assert f"kept {len(kept['keys'])} image(s)" in stderr and "rerun the same command" in stderr, stderr
+    assert "Traceback" not in stderr
+    resumed = subprocess.run(command[:-2], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    assert resumed.returncode == 0 and f"{len(kept['keys'])} skipped" in resumed.stdout, resumed.stderr
+    assert sorted(read_output(out)["keys"]) == [f"p{i}_jpg" for i in range(6)]

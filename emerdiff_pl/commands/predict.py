@@ -143,10 +143,18 @@ class EmerDiffCLI(LightningCLI):
     ) -> Any:
         """``Trainer.predict`` that keeps no predictions unless asked (the writer has already stored them; an
         unset ``return_predictions`` would otherwise hold every image of the run in memory). A run that ends
-        well closes its process group (:func:`_close_process_group`)."""
-        predictions = self.trainer.predict(
-            model, datamodule=datamodule, return_predictions=bool(return_predictions)
-        )
+        well closes its process group (:func:`_close_process_group`). Ctrl-C, which Lightning turns into
+        ``sys.exit(1)`` once the callbacks have closed what they hold, is raised again as a KeyboardInterrupt
+        saying what was kept (the CLI exits 130)."""
+        try:
+            predictions = self.trainer.predict(
+                model, datamodule=datamodule, return_predictions=bool(return_predictions)
+            )
+        except SystemExit:
+            writer = PseudoLabelWriter.of(self.trainer)
+            if writer is not None and isinstance(writer.stopped_by, KeyboardInterrupt):
+                raise KeyboardInterrupt(writer.kept()) from None
+            raise
         _close_process_group()
         return predictions
 
