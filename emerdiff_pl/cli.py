@@ -6,7 +6,8 @@ imported here, so ``emerdiff-pl --help`` and the light subcommands start in a fr
 
 Mistakes a user can fix (a missing folder, a wrong flag value, no GPU) end in one message and exit status 2;
 ``--debug`` (or ``EMERDIFF_DEBUG=1``) keeps the full traceback. ``--verbose`` (or ``EMERDIFF_VERBOSE=1``) lets
-Lightning and diffusers print their usual messages.
+Lightning and diffusers print their usual messages. ``predict``'s help and the mistakes its command line shows on
+its own are answered before Lightning is imported (:mod:`emerdiff_pl.commands.preflight`); Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def _usage() -> str:
     lines += [
         "",
         "options of every command: --debug (full tracebacks), --verbose (messages of Lightning and diffusers)",
+        "emerdiff-pl --version: the installed version",
         "",
         "first steps:",
         "  emerdiff-pl demo                   the shipped toy model end to end, a few minutes on a CPU",
@@ -147,16 +149,27 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``emerdiff-pl`` and ``python -m emerdiff_pl``."""
     from_command_line = argv is None
     argv = _pop_global_flags(list(sys.argv[1:] if argv is None else argv))
-    if from_command_line:
-        sys.argv[1:] = argv  # LightningCLI (and a DDP relaunch) read sys.argv
+    if argv[:1] == ["--version"]:
+        from emerdiff_pl import __version__
+
+        print(f"emerdiff-pl {__version__}")
+        return 0
     picked = split_command(argv, SUBCOMMANDS, _usage(), "emerdiff-pl: unknown command")
     if isinstance(picked, int):
         return picked
     command, rest = picked
     try:
+        if command == "predict":
+            from emerdiff_pl.commands.preflight import check_command_line
+
+            checked = check_command_line(rest)  # before Lightning is imported: help and mistakes in a moment
+            if isinstance(checked, int):
+                return checked
+            rest = checked
         if command == "predict" and from_command_line:
             from emerdiff_pl.commands.predict import cli_main
 
+            sys.argv[1:] = [command, *rest]  # LightningCLI (and a DDP relaunch) read sys.argv
             cli_main(None)  # None: LightningCLI reads sys.argv, which a DDP launcher re-runs
             return 0
         return run_subcommand(command, rest)

@@ -45,7 +45,6 @@ def validate_predict_config(
     cfg = _as_dict(config)
     data, writer = dict(cfg.get("data") or {}), dict(cfg.get("writer") or {})
     model, trainer = dict(cfg.get("model") or {}), dict(cfg.get("trainer") or {})
-    problems: list[str] = []
     checks: list[tuple[Any, tuple[Any, ...]]] = [
         (check_input, (data.get("urls"), data.get("folder"), datamodule_class, data)),
         (check_output_dir, (writer.get("output_dir"),)),
@@ -53,15 +52,22 @@ def validate_predict_config(
     ]
     if model_class is None or _is_segmenter(model_class):  # test stand-ins have no config and no backbone
         checks.append((check_model_settings, (model,)))
+    problems = collect_problems(checks)
+    if problems is not None:
+        raise problems
+
+
+def collect_problems(checks: list[tuple[Any, tuple[Any, ...]]]) -> UserError | None:
+    """Run every ``(check, args)``; the :class:`UserError` of the one problem found, or one listing all."""
+    problems: list[str] = []
     for check, args in checks:
         try:
             check(*args)
         except UserError as err:
             problems.append(str(err))
-    if len(problems) == 1:
-        raise UserError(problems[0])
-    if problems:
-        raise UserError(f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+    if len(problems) > 1:
+        return UserError(f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+    return UserError(problems[0]) if problems else None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -77,13 +83,18 @@ def _is_segmenter(model_class: type) -> bool:
 
 def check_model_settings(model: dict[str, Any]) -> None:
     """The ``model:`` group builds a valid :class:`~emerdiff_pl.config.EmerDiffConfig` that fits its model."""
+    check_model(check_model_values(model))
+
+
+def check_model_values(model: dict[str, Any]) -> EmerDiffConfig:
+    """The :class:`~emerdiff_pl.config.EmerDiffConfig` of the ``model:`` group (types and ranges checked; no
+    model read), or a :class:`UserError` naming the flag."""
     from emerdiff_pl.config import EmerDiffConfig
 
     try:
-        config = EmerDiffConfig(**model)
+        return EmerDiffConfig(**model)
     except (TypeError, ValueError) as err:
         raise UserError(f"--{err}") from None
-    check_model(config)
 
 
 def _example_urls() -> str:
@@ -357,6 +368,8 @@ __all__ = [
     "check_input",
     "check_model",
     "check_model_settings",
+    "check_model_values",
+    "collect_problems",
     "check_output_dir",
     "layer_side",
     "model_configs",

@@ -319,16 +319,18 @@ if __name__ == "__main__":
 """
 
 
-# The console script's own path (emerdiff_pl.cli.main: exit codes, messages) with a stand-in model.
+# The console script's own path (emerdiff_pl.cli.main: exit codes, messages) with a stand-in model; the command
+# line check that runs before Lightning knows EmerDiffSegmenter's options only, so the stand-in's go unchecked.
 FAKE_MAIN = """\
 import sys
 sys.path.insert(0, {tests!r})
 import conftest
 from emerdiff_pl import cli
-from emerdiff_pl.commands import predict
+from emerdiff_pl.commands import predict, preflight
 
 run = predict.cli_main
 predict.cli_main = lambda args=None, **kwargs: run(args, model_class=conftest.{model})
+preflight.check_command_line = lambda argv: argv
 sys.exit(cli.main())
 """
 

@@ -547,3 +547,94 @@ def test_ctrl_c_keeps_finished_shards_says_how_to_resume_and_exits_130(tmp_path:
                              timeout=300)  # fmt: skip
     assert resumed.returncode == 0 and f"{len(kept['keys'])} skipped" in resumed.stdout, resumed.stderr
     assert sorted(read_output(out)["keys"]) == [f"p{i}_jpg" for i in range(6)]
+
+
+# ---- 5. and 6. the command line: checked before Lightning is imported, no prefixes, short help, --version --------
+
+_PROBE_CODE = """
+import sys
+from emerdiff_pl.cli import main
+print("CODE=%s" % main({argv!r}))
+heavy = sorted(m for m in ("torch", "lightning", "diffusers", "transformers") if m in sys.modules)
+print("HEAVY=" + ",".join(heavy))
+"""
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["help", "bare", "missing_folder", "prefix", "zero_masks", "not_a_number", "missing_config", "bad_yaml"],
+)
+def test_predict_help_and_mistakes_are_answered_before_lightning_is_imported(tmp_path: Path, case: str):
+    (tmp_path / "bad.yaml").write_text("model: [\n")
+    folder = str(_photos(tmp_path / "in", 1))
+    out = str(tmp_path / "out")
+    base = ["predict", "--config", TINY, "--data.folder", folder, "--writer.output_dir", out]
+    argv, code, phrase = {
+        "help": (["predict", "--help"], 0, "--model.num_masks"),
+        "bare": (["predict"], 2, "usage: emerdiff-pl predict --config"),
+        "missing_folder": (
+            [*base[:3], "--data.folder", "/no/such/folder"],
+            2,
+            "--data.folder '/no/such/folder'",
+        ),
+        "prefix": ([*base, "--model.num_mask", "8"], 2, "did you mean --model.num_masks?"),
+        "zero_masks": ([*base, "--model.num_masks", "0"], 2, "--model.num_masks must be ≥ 1, got 0"),
+        "not_a_number": ([*base, "--model.num_masks", "abc"], 2, "--model.num_masks must be int, got 'abc'"),
+        "missing_config": (["predict", "--config", str(tmp_path / "nope.yaml")], 2, "nope.yaml'"),
+        "bad_yaml": (["predict", "--config", str(tmp_path / "bad.yaml")], 2, "is not valid YAML (line 2"),
+    }[case]
+    result = run([sys.executable, "-c", _PROBE_CODE.format(argv=argv)])
+    assert f"CODE={code}" in result.stdout and "HEAVY=\n" in result.stdout, (
+        result.stdout[-800:] + result.stderr
+    )
+    assert phrase in result.stdout + result.stderr
+
+
+def test_the_refusal_needs_no_lightning_and_names_the_setting(tmp_path: Path):
+    from emerdiff_pl.config import EmerDiffConfig
+    from emerdiff_pl.manifest import check_settings
+
+    out, folder = tmp_path / "out", _photos(tmp_path / "in", 1)
+    out.mkdir()
+    (out / "a0000of0001-r000of001-20260101T000000Z-abcdef-000000.tar").write_bytes(b"")
+    check_settings(out, EmerDiffConfig(pretrained="tiny-random", num_masks=4).label_settings())
+    argv = ["predict", "--model.pretrained", "tiny-random", "--model.num_masks", "6", "--data.folder", str(folder),
+            "--writer.output_dir", str(out)]  # fmt: skip
+    result = run([sys.executable, "-c", _PROBE_CODE.format(argv=argv)])
+    assert "CODE=2" in result.stdout and "HEAVY=\n" in result.stdout, result.stdout + result.stderr
+    assert "model.num_masks 4 → 6" in result.stderr
+
+
+def test_an_option_prefix_is_an_error_naming_the_option(tmp_path: Path, capsys):
+    folder = str(_photos(tmp_path / "in", 1))
+    args = ["--config", TINY, "--data.folder", folder, "--writer.output_dir", str(tmp_path / "out")]
+    assert cli.main(["predict", *args, "--model.num_mask", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "--model.num_mask is not an option" in err and "did you mean --model.num_masks?" in err
+    with pytest.raises(SystemExit) as parsed:  # LightningCLI itself, every group (--trainer.* too)
+        cli_main(["predict", *args, "--trainer.max_epoc", "1", "--print_config"])
+    assert parsed.value.code == 2 and "--trainer.max_epoc" in capsys.readouterr().err
+
+
+def test_bare_predict_prints_a_short_usage_and_help_leads_with_the_projects_options(capsys):
+    assert cli.main(["predict"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: emerdiff-pl predict --config") and len(err.splitlines()) <= 8
+    assert "{predict}" not in err and "tip:" not in err
+    assert cli.main(["predict", "--help"]) == 0
+    text = capsys.readouterr().out
+    options = [line.split()[0] for line in text.splitlines() if line.startswith("  --")]
+    assert options.index("--data.folder") < 12 and "--help-all" in text
+    assert not [o for o in options if o.startswith("--trainer.")] and len(text.splitlines()) < 200
+    import dataclasses
+
+    from emerdiff_pl.config import EmerDiffConfig
+
+    assert {f"--model.{f.name}" for f in dataclasses.fields(EmerDiffConfig)} <= set(options)
+
+
+def test_version_is_printed(capsys):
+    from emerdiff_pl import __version__
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"emerdiff-pl {__version__}"

@@ -194,10 +194,11 @@ def cli_main(
         seed_everything_default=0,
         auto_configure_optimizers=False,
         parser_kwargs={
+            "allow_abbrev": False,  # --model.num_mask is an error, not --model.num_masks
             "prog": "emerdiff-pl",
             "predict": {
                 "usage": "emerdiff-pl predict --config CONFIG [--model.* ...] [--data.* ...] [--writer.* ...] "
-                "[--trainer.* ...]   (emerdiff-pl predict --help lists every option)",
+                "[--trainer.* ...]   (emerdiff-pl predict --help: the project's options; --help-all: every one)",
                 "description": "Label images with EmerDiff and write a pseudo-label WebDataset. Typical use: "
                 "emerdiff-pl predict --config configs/sd14.yaml --data.urls 'in/shard-{000000..000099}.tar' "
                 "--writer.output_dir out/. Rerunning the same command resumes. Add --verbose for the messages "
