@@ -375,8 +375,11 @@ class PseudoLabelWriter(BasePredictionWriter):
         if trainer.world_size > 1:
             totals = trainer.strategy.reduce(totals.to(trainer.strategy.root_device), reduce_op="sum").cpu()
         if trainer.is_global_zero:
+            from emerdiff_pl.progress import format_rate  # progress imports this module
+
             done, skipped, skipped_failed, failed = (int(v) for v in totals.tolist())
             wall = summary["wall_seconds"]
+            rate = f" ({format_rate(wall / done)})" if done else ""
             where = f"array task {self.array_index}/{self.array_count}, " if self.array_count > 1 else ""
             earlier = (
                 f", {skipped_failed} skipped (failed before; --writer.retry_failures true retries them)"
@@ -385,7 +388,7 @@ class PseudoLabelWriter(BasePredictionWriter):
             )
             print(
                 f"emerdiff-pl predict [{where}{self.world_size} rank(s)]: {done} labelled, {skipped} skipped "
-                f"(already done){earlier}, {failed} failed in {wall:.1f} s ({done / max(wall, 1e-9):.2f} images/s) "
+                f"(already done){earlier}, {failed} failed in {wall:.1f} s{rate} "
                 f"-> {self.output_dir} (summary: {self._file('summary', '.json').name})",
                 flush=True,
             )

@@ -638,3 +638,91 @@ def test_version_is_printed(capsys):
 
     assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"emerdiff-pl {__version__}"
+
+
+# ---- 7. progress ------------------------------------------------------------------------------------------------
+
+
+class _Model:
+    def __init__(self, share: float):
+        self.share = share
+
+    def batch_progress(self) -> float:
+        return self.share
+
+
+def test_progress_estimates_rate_and_eta_inside_the_first_batch():
+    bar = ImageProgressBar()
+    bar._writer, bar.count, bar._model = _Counts(done=0), InputCount(8, True), _Model(0.5)
+    bar._start = bar._batch_start = 0.001
+    bar._batch_images = 4
+    line = bar.line(now=120.0)  # half of a batch of 4 in 2 minutes: ~60 s per image, 6 images to go
+    assert "0/8 images" in line and "~60.0 s/image" in line and "ETA ~6m00s" in line, line
+    assert "batch of 4 running 2m00s (50% done)" in line
+
+
+def test_segmenter_reports_the_share_of_its_batch_done():
+    from conftest import FAST_SEGMENTER, smooth_images
+
+    from emerdiff_pl.segmenter import EmerDiffSegmenter
+
+    model = EmerDiffSegmenter(**FAST_SEGMENTER, max_branch_batch=4)
+    seen: list[float | None] = []
+    tell = model._count_branch_rows
+    model._count_branch_rows = lambda done, total: (tell(done, total), seen.append(model.batch_progress()))
+    model.segment(smooth_images(2))
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen) and len(seen) > 2
+    assert model.batch_progress() is None  # between batches
+
+
+def test_terminal_summary_starts_on_its_own_line_once(tmp_path: Path, monkeypatch):
+    import io
+
+    import lightning.pytorch as pl
+    from conftest import ColourQuantizer
+
+    from emerdiff_pl.data import EmerDiffDataModule
+    from emerdiff_pl.writer import PseudoLabelWriter
+
+    screen = io.StringIO()  # stdout and stderr of a terminal land on one screen
+    monkeypatch.setattr(sys, "stdout", screen)
+    bar = ImageProgressBar(stream=screen, is_tty=True)
+    trainer = pl.Trainer(accelerator="cpu", logger=False,
+                         callbacks=[PseudoLabelWriter(str(tmp_path / "out")), bar])  # fmt: skip
+    data = EmerDiffDataModule(folder=str(_photos(tmp_path / "in", 3)), num_workers=0)
+    trainer.predict(ColourQuantizer(), datamodule=data, return_predictions=False)
+    text = screen.getvalue()
+    before, summary = text.split("emerdiff-pl predict [")
+    last = before.rsplit("\r\x1b[K", 1)[-1]  # the progress line as it stands when the summary comes
+    assert last.startswith("predict: 3/3 images (100%)") and last.endswith("\n"), repr(text[-400:])
+    assert "predict: " not in summary  # the progress line is not drawn again after the summary
+
+
+def test_slow_runs_say_seconds_per_image(tmp_path: Path, fake_main):
+    result = _predict_main(fake_main(), tmp_path / "out", _photos(tmp_path / "in", 1), "--model.delay", "1.2",
+                           "--trainer.enable_progress_bar", "false")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"1 labelled, .* \(1\.\d s/image\)", result.stdout) and "images/s" not in result.stdout
+
+
+def test_srun_warning_is_hidden_unless_verbose(tmp_path: Path, fake_cli: Path):
+    import os
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "srun").chmod(0o755)
+    command = [sys.executable, str(fake_cli), "predict", "--trainer.accelerator", "cpu", "--data.folder",
+               str(_photos(tmp_path / "in", 1)), "--data.num_workers", "0"]  # fmt: skip
+    outputs = {}
+    for verbose in ("0", "1"):
+        env = {
+            **subprocess_env(),
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "EMERDIFF_VERBOSE": verbose,
+        }
+        result = subprocess.run([*command, "--writer.output_dir", str(tmp_path / f"out{verbose}")], cwd=REPO,
+                                env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        outputs[verbose] = result.stdout + result.stderr
+    assert "`srun` command" not in outputs["0"] and "`srun` command" in outputs["1"]

@@ -30,6 +30,10 @@ def quiet_dependencies() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
+    # on every machine with SLURM's client installed, for any run started without srun (most runs)
+    warnings.filterwarnings(
+        "ignore", message=r"The `srun` command is available on your system but is not used"
+    )
     # GPU/TPU availability, "Seed set to", 💡 Tip adverts: rank_zero_info lines of Lightning's loggers
     for name in ("lightning.pytorch", "lightning.fabric", "lightning", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
