@@ -182,7 +182,7 @@ class EmerDiffConfig:
     @classmethod
     def parse_value(cls, name: str, text: str) -> Any:
         """A command-line string as setting ``name`` reads it: YAML (``8``, ``null``, ``[1, 2]``, ``true``), as
-        LightningCLI parses it, except where only the text itself fits the setting's type (``pretrained: 1234``)."""
+        LightningCLI parses it, except where only the text fits the setting's type (``pretrained: 1234``)."""
         import yaml
 
         hint = get_type_hints(cls)[name]

@@ -28,29 +28,36 @@ from emerdiff_pl.shardio import ShardIndex
 # --------------------------------------------------------------------------------------------------------------
 
 
-class FolderImages:
+class _ByKey:
+    """``keys()``, ``in``, iteration and ``len()`` over ``self.by_key`` (sample key → where the sample is), the
+    part of :class:`~emerdiff_pl.shardio.ShardIndex`'s interface every image source has."""
+
+    by_key: dict[str, str]
+
+    def keys(self) -> list[str]:
+        return list(self.by_key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.by_key
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.by_key)
+
+    def __len__(self) -> int:
+        return len(self.by_key)
+
+
+class FolderImages(_ByKey):
     """The images of a folder under the keys ``predict --data.folder`` gave them, read like a
     :class:`~emerdiff_pl.shardio.ShardIndex` (``get_raw(key)`` → ``{"<extension>": bytes, ...}``)."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = str(folder)
-        self.paths = dict(list_folder(folder))
-
-    def keys(self) -> list[str]:
-        return list(self.paths)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.paths
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.paths)
-
-    def __len__(self) -> int:
-        return len(self.paths)
+        self.by_key = dict(list_folder(folder))  # key → file path
 
     def get_raw(self, key: str, fields: Any = None) -> dict[str, Any]:
         """The file of ``key`` as a sample: its bytes under its extension (``jpg``, ``png``, ...)."""
-        path = self.paths.get(key)
+        path = self.by_key.get(key)
         if path is None:
             raise KeyError(f"key {key!r} names no image of the folder {self.folder!r}")
         return {"__key__": key, "__url__": path, Path(path).suffix[1:].lower(): Path(path).read_bytes()}
@@ -59,30 +66,18 @@ class FolderImages:
         """Nothing held open (the ShardIndex interface)."""
 
 
-class ShardImages:
+class ShardImages(_ByKey):
     """The samples of source shards under the keys ``predict --data.urls`` gave them (their member names made
     safe: ``./a.jpg`` → ``a``), read by offset (local uncompressed ``.tar``)."""
 
     def __init__(self, urls: str | list[str]):
         self.index = ShardIndex(urls)
-        self._names = {safe_key(key): key for key in self.index}
-
-    def keys(self) -> list[str]:
-        return list(self._names)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._names
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
+        self.by_key = {safe_key(key): key for key in self.index}  # key → the key in the shards
 
     def get_raw(self, key: str, fields: Any = None) -> dict[str, Any]:
-        if key not in self._names:
+        if key not in self.by_key:
             raise KeyError(f"key {key!r} is in none of the {len(self.index.urls)} image shards")
-        return {**self.index.get_raw(self._names[key], fields), "__key__": key}
+        return {**self.index.get_raw(self.by_key[key], fields), "__key__": key}
 
     def close(self) -> None:
         self.index.close()
@@ -100,7 +95,7 @@ def open_images(spec: str | os.PathLike | list[str]) -> ImageSource:
     patterns, globs, a folder of ``*.tar``), keyed as predict keyed them."""
     if isinstance(spec, str | os.PathLike) and os.path.isdir(spec) and not _holds_tars(str(spec)):
         images = FolderImages(spec)
-        if not images.paths:
+        if not images.by_key:
             raise FileNotFoundError(f"--images {str(spec)!r} holds neither *.tar shards nor images")
         return images
     return ShardImages(str(spec) if isinstance(spec, os.PathLike) else spec)

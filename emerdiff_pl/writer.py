@@ -276,9 +276,9 @@ class PseudoLabelWriter(BasePredictionWriter):
         self._file("settings", ".json").write_text(json.dumps(record, indent=1), encoding="utf-8")
         if trainer.is_global_zero:
             print(
-                f"warning: {self.output_dir} holds labels of other settings ({describe_changes(self.settings_changes)}"
-                f"); mixing them as --writer.allow_changed_settings asks, recorded in "
-                f"{self._file('settings', '.json').name}",
+                f"warning: {self.output_dir} holds labels of other settings "
+                f"({describe_changes(self.settings_changes)}); mixing them as --writer.allow_changed_settings "
+                f"asks, recorded in {self._file('settings', '.json').name}",
                 file=sys.stderr,
             )
 

@@ -287,7 +287,8 @@ def read_command_line(argv: list[str], options: dict[str, list[Option]]) -> Comm
             for name, value in section.items():
                 if name not in known:
                     raise UserError(
-                        f"{where}: {group}.{name} is not a setting{_suggest(name, known, group + '.')} (emerdiff-pl "
+                        f"{where}: {group}.{name} is not a setting{_suggest(name, known, f'{group}.')} "
+                        "(emerdiff-pl "
                         "predict --help lists them)"
                     )
                 groups[group][name] = value
