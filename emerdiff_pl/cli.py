@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 from emerdiff_pl.commands import DEBUG_ENV, VERBOSE_ENV, debug_enabled, split_command
+from emerdiff_pl.validation import SD_ON_CPU
 
 # name → (module[:function] whose main(argv) runs it, one-line description)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -67,7 +68,7 @@ _USER_ERROR_NAMES = {"UserError", "MisconfigurationException", "OutOfMemoryError
 # hints for messages that dependencies raise, matched by substring
 _HINTS = {
     "No supported gpu backend found": "this machine has no usable GPU: add --trainer.accelerator cpu "
-    "(slow for 512² Stable Diffusion), or try configs/toyworld.yaml or configs/tiny.yaml",
+    f"({SD_ON_CPU}), or try configs/toyworld.yaml or configs/tiny.yaml",
     "out of memory": "lower --model.max_branch_batch (e.g. 8) or --data.batch_size, or use --model.dtype bfloat16",
 }
 

@@ -1,5 +1,7 @@
-"""The first hour of a new user: mistakes give one message and a non-zero exit before any weight loads, progress
-is counted in images, runs are quiet, light subcommands start without torch, and `show` reads image folders."""
+"""The first two hours of a new user: mistakes give one message and a non-zero exit before any weight loads (and
+before Lightning is imported, where the command line shows them), progress is counted in images, runs are quiet,
+light subcommands start without torch, every command reads the image folder predict read, a rerun with other
+settings is refused, and Ctrl-C says what was kept."""
 
 import json
 import re
@@ -37,7 +39,7 @@ def _files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
-# ---- mistakes: one message, the real flag, exit 2, no files ---------------------------------------------------------
+# ---- mistakes: one message, the real flag, exit 2, no files ------------------------------------------------
 
 
 def test_missing_folder_is_one_message_naming_the_flag_and_leaves_no_files(tmp_path: Path):
@@ -161,7 +163,7 @@ def test_a_run_that_fails_before_its_first_sample_writes_no_config(tmp_path: Pat
     assert len(summaries) <= 1 and all(s["status"].startswith("interrupted") for s in summaries)
 
 
-# ---- progress ---------------------------------------------------------------------------------------------------
+# ---- progress ----------------------------------------------------------------------------------------------
 
 
 class _Counts:
@@ -213,7 +215,7 @@ def test_predict_logs_image_counts_without_a_terminal_and_stays_quiet(tmp_path: 
     assert loud.returncode == 0 and "GPU available" in loud.stdout + loud.stderr
 
 
-# ---- start-up, help --------------------------------------------------------------------------------------------------
+# ---- start-up, help ----------------------------------------------------------------------------------------
 
 _PROBE = """
 import sys
@@ -262,7 +264,7 @@ def test_every_model_option_has_help_and_no_help_cites_a_file_outside_the_projec
     assert not [c for c in cited if not (REPO / c).exists() and not list(REPO.rglob(Path(c).name))]
 
 
-# ---- show on the folder predict read -----------------------------------------------------------------------------
+# ---- show on the folder predict read -----------------------------------------------------------------------
 
 
 def test_readme_folder_recipe_gives_a_sheet_with_the_image_column(
@@ -327,9 +329,9 @@ def test_progress_total_leaves_out_inputs_earlier_runs_finished_or_recorded_as_f
     assert _bar_total(out, ColourQuantizer(poison_key=poison), **both) == (3, 3)
 
 
-# ==== the second hour (issue 31) ===================================================================================
+# ==== the second hour (issue 31) ============================================================================
 
-# ---- 1. a rerun with other settings is refused, naming them --------------------------------------------------------
+# ---- 1. a rerun with other settings is refused, naming them ------------------------------------------------
 
 
 def test_label_settings_are_every_config_field_but_the_runtime_only_ones():
@@ -417,7 +419,7 @@ def test_settings_record_is_created_once_and_compared_by_concurrent_writers(tmp_
     assert check_settings(out, {"num_masks": 4, "classifier": None}, {"classifier": None}) == {}
 
 
-# ---- 2. and 3. every command takes the folder predict read; evaluate takes a folder of label PNGs -----------------
+# ---- 2. and 3. every command takes the folder predict read; evaluate takes a folder of label PNGs ----------
 
 
 def _labelled(tmp_path: Path, folder: Path) -> Path:
@@ -515,7 +517,7 @@ def test_evaluate_names_the_missing_ground_truth_member(tmp_path: Path, capsys):
     assert re.search(r"no label file p0.png .* for prediction 'p0_jpg'", err) and "other.png" in err, err
 
 
-# ---- 4. Ctrl-C -------------------------------------------------------------------------------------------------
+# ---- 4. Ctrl-C ---------------------------------------------------------------------------------------------
 
 
 def test_ctrl_c_keeps_finished_shards_says_how_to_resume_and_exits_130(tmp_path: Path, fake_main):
@@ -549,7 +551,7 @@ def test_ctrl_c_keeps_finished_shards_says_how_to_resume_and_exits_130(tmp_path:
     assert sorted(read_output(out)["keys"]) == [f"p{i}_jpg" for i in range(6)]
 
 
-# ---- 5. and 6. the command line: checked before Lightning is imported, no prefixes, short help, --version --------
+# ---- 5. and 6. the command line: checked before Lightning is imported, no prefixes, short help, --version ---
 
 _PROBE_CODE = """
 import sys
@@ -640,7 +642,7 @@ def test_version_is_printed(capsys):
     assert capsys.readouterr().out.strip() == f"emerdiff-pl {__version__}"
 
 
-# ---- 7. progress ------------------------------------------------------------------------------------------------
+# ---- 7. progress -------------------------------------------------------------------------------------------
 
 
 class _Model:
@@ -726,3 +728,35 @@ def test_srun_warning_is_hidden_unless_verbose(tmp_path: Path, fake_cli: Path):
         assert result.returncode == 0, result.stderr
         outputs[verbose] = result.stdout + result.stderr
     assert "`srun` command" not in outputs["0"] and "`srun` command" in outputs["1"]
+
+
+# ---- 8. docs -----------------------------------------------------------------------------------------------
+
+
+def test_cpu_hint_says_hours_per_image():
+    import torch
+
+    from emerdiff_pl.validation import check_accelerator
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(UserError, match="hours per image"):
+        check_accelerator("gpu")
+
+
+def test_readme_webdataset_recipe_reads_label_ids(tmp_path: Path, monkeypatch):
+    from emerdiff_pl.shardio import iter_samples
+
+    readme = (REPO / "README.md").read_text()
+    recipe = readme.split("<!-- recipe: webdataset -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    _labelled(tmp_path, _photos(tmp_path / "in", 3))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "pred").rename(tmp_path / "outputs" / "labels")
+    scope: dict = {}
+    exec(compile(recipe, "README.md recipe", "exec"), scope)
+    expected = {s["__key__"]: s["seg.png"] for s in iter_samples("outputs/labels", fields={"seg.png"})}
+    got = scope["labels"]
+    assert sorted(got) == sorted(expected)
+    for key, label in got.items():
+        assert label.ndim == 2 and np.array_equal(label, expected[key])
