@@ -161,6 +161,7 @@ class LabelFolder:
         if not self.files:
             raise FileNotFoundError(f"--gt {self.spec!r} holds neither *.tar shards nor label PNGs")
         self._of_key: dict[str, list[str]] = {}
+        self._claimed: dict[str, str] = {}  # label file → the prediction it was read for
         variants = _extension_variants()
         for path in self.files:
             stem = Path(path).relative_to(self.spec).with_suffix("").as_posix()
@@ -178,6 +179,11 @@ class LabelFolder:
         path = self._file(key)
         if path is None:
             return None
+        if self._claimed.setdefault(path, key) != key:
+            raise ValueError(
+                f"label file {path} matches two predictions, {self._claimed[path]!r} and {key!r} (images that differ "
+                "only in their extension): rename one of the images, or give --gt shards keyed by prediction key"
+            )
         label = read_label_png(Path(path).read_bytes())
         if label.ndim != 2:
             raise ValueError(

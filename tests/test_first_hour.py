@@ -414,6 +414,8 @@ def test_settings_record_is_created_once_and_compared_by_concurrent_writers(tmp_
     }
     with pytest.raises(SettingsChangedError, match="num_masks 4 → 5"):
         check_settings(out, {"num_masks": 5})
+    with pytest.raises(SettingsChangedError, match="num_masks 4 → 5"):  # the pre-Lightning check only reads
+        check_settings(out, {"num_masks": 5}, record=False)
     assert check_settings(out, {"num_masks": 5}, allow_changed=True) == {"num_masks": (4, 5)}
     # a setting the record predates counts as its default
     assert check_settings(out, {"num_masks": 4, "classifier": None}, {"classifier": None}) == {}
@@ -438,6 +440,28 @@ def _labelled(tmp_path: Path, folder: Path) -> Path:
     relabel_main(["--input", str(tmp_path / "pred"), "--output", str(tmp_path / "rel"), "--num-classes", "3",
                   "--device", "cpu"])  # fmt: skip
     return tmp_path / "rel"
+
+
+def test_settings_of_a_run_that_left_no_labels_bind_nothing_and_older_folders_are_read_from_their_samples(
+    tmp_path: Path,
+):
+    from emerdiff_pl.manifest import SettingsChangedError, check_settings
+    from emerdiff_pl.shardio import TarWriter
+
+    idle = tmp_path / "idle"
+    idle.mkdir()
+    check_settings(idle, {"num_masks": 4})  # a first try that failed before its first shard
+    assert check_settings(idle, {"num_masks": 5}) == {}
+    assert json.loads((idle / "settings.json").read_text())["label_settings"] == {"num_masks": 5}
+    older = tmp_path / "older"  # labelled before folders recorded their settings
+    shard = TarWriter(older / "a0000of0001-r000of001-20260101T000000Z-abcdef-000000.tar")
+    shard.write(
+        {"__key__": "k", "json": json.dumps({"hparams": {"num_masks": 4, "max_branch_batch": 8}}).encode()}
+    )
+    shard.close()
+    with pytest.raises(SettingsChangedError, match="num_masks 4 → 5"):
+        check_settings(older, {"num_masks": 5})
+    assert check_settings(older, {"num_masks": 4}) == {}
 
 
 def test_export_takes_the_image_folder_predict_read(tmp_path: Path, image_folder: dict):
@@ -515,6 +539,22 @@ def test_evaluate_names_the_missing_ground_truth_member(tmp_path: Path, capsys):
     assert cli.main(["evaluate", "--pred", str(rel), "--gt", str(labels), "--num-classes", "3"]) == 2
     err = capsys.readouterr().err
     assert re.search(r"no label file p0.png .* for prediction 'p0_jpg'", err) and "other.png" in err, err
+
+
+def test_evaluate_refuses_one_label_file_for_two_images(tmp_path: Path, capsys):
+    from conftest import encode, random_rgb
+
+    folder, labels = tmp_path / "in", tmp_path / "masks"
+    _photos(folder, 1)
+    (folder / "p0.png").write_bytes(encode(Image.fromarray(random_rgb(24, 32)), "PNG"))
+    _labelled(tmp_path, folder)
+    labels.mkdir()
+    Image.fromarray(np.zeros((24, 32), np.uint8)).save(labels / "p0.png")  # p0.jpg's, or p0.png's?
+    assert (
+        cli.main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(labels), "--num-classes", "3"])
+        == 2
+    )
+    assert "matches two predictions, 'p0_jpg' and 'p0_png'" in capsys.readouterr().err
 
 
 # ---- 4. Ctrl-C ---------------------------------------------------------------------------------------------
