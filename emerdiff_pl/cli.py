@@ -6,7 +6,8 @@ imported here, so ``emerdiff-pl --help`` and the light subcommands start in a fr
 
 Mistakes a user can fix (a missing folder, a wrong flag value, no GPU) end in one message and exit status 2;
 ``--debug`` (or ``EMERDIFF_DEBUG=1``) keeps the full traceback. ``--verbose`` (or ``EMERDIFF_VERBOSE=1``) lets
-Lightning and diffusers print their usual messages.
+Lightning and diffusers print their usual messages. ``predict``'s help and the mistakes its command line shows on
+its own are answered before Lightning is imported (:mod:`emerdiff_pl.commands.preflight`); Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from typing import Any
 
 from emerdiff_pl.commands import DEBUG_ENV, VERBOSE_ENV, debug_enabled, split_command
+from emerdiff_pl.validation import SD_ON_CPU
 
 # name → (module[:function] whose main(argv) runs it, one-line description)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -66,7 +68,7 @@ _USER_ERROR_NAMES = {"UserError", "MisconfigurationException", "OutOfMemoryError
 # hints for messages that dependencies raise, matched by substring
 _HINTS = {
     "No supported gpu backend found": "this machine has no usable GPU: add --trainer.accelerator cpu "
-    "(slow for 512² Stable Diffusion), or try configs/toyworld.yaml or configs/tiny.yaml",
+    f"({SD_ON_CPU}), or try configs/toyworld.yaml or configs/tiny.yaml",
     "out of memory": "lower --model.max_branch_batch (e.g. 8) or --data.batch_size, or use --model.dtype bfloat16",
 }
 
@@ -105,6 +107,7 @@ def _usage() -> str:
     lines += [
         "",
         "options of every command: --debug (full tracebacks), --verbose (messages of Lightning and diffusers)",
+        "emerdiff-pl --version: the installed version",
         "",
         "first steps:",
         "  emerdiff-pl demo                   the shipped toy model end to end, a few minutes on a CPU",
@@ -147,23 +150,34 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``emerdiff-pl`` and ``python -m emerdiff_pl``."""
     from_command_line = argv is None
     argv = _pop_global_flags(list(sys.argv[1:] if argv is None else argv))
-    if from_command_line:
-        sys.argv[1:] = argv  # LightningCLI (and a DDP relaunch) read sys.argv
+    if argv[:1] == ["--version"]:
+        from emerdiff_pl import __version__
+
+        print(f"emerdiff-pl {__version__}")
+        return 0
     picked = split_command(argv, SUBCOMMANDS, _usage(), "emerdiff-pl: unknown command")
     if isinstance(picked, int):
         return picked
     command, rest = picked
     try:
+        if command == "predict":
+            from emerdiff_pl.commands.preflight import check_command_line
+
+            checked = check_command_line(rest)  # before Lightning is imported: help and mistakes in a moment
+            if isinstance(checked, int):
+                return checked
+            rest = checked
         if command == "predict" and from_command_line:
             from emerdiff_pl.commands.predict import cli_main
 
+            sys.argv[1:] = [command, *rest]  # LightningCLI (and a DDP relaunch) read sys.argv
             cli_main(None)  # None: LightningCLI reads sys.argv, which a DDP launcher re-runs
             return 0
         return run_subcommand(command, rest)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if debug_enabled():
             raise
-        print(f"emerdiff-pl {command}: interrupted", file=sys.stderr)
+        print(f"emerdiff-pl {command}: interrupted" + (f": {err}" if str(err) else ""), file=sys.stderr)
         return 130
     except Exception as err:
         if debug_enabled() or not is_user_error(err):

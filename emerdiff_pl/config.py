@@ -4,17 +4,18 @@ The one home of the method's and runtime's settings: ``EmerDiffSegmenter(**setti
 ``model:`` group is its fields, flat, and ``--help`` shows the docs below), ``emerdiff_pl.method`` takes it
 whole, ``validation.py`` checks a parsed CLI config with it before anything loads, and ``<key>.json`` records
 :meth:`EmerDiffConfig.hparams`. Checks that need the model (layer names, the schedule) run when it loads.
+Importing this module imports neither torch nor diffusers: ``emerdiff-pl predict`` checks its settings before
+Lightning is imported. :meth:`EmerDiffConfig.label_settings` are the ones an output folder records.
 """
 
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from dataclasses import MISSING, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from emerdiff_pl.inputs import InputPolicy, ResizeMode
-from emerdiff_pl.layout import GroupNormKernel
-from emerdiff_pl.refine import PAMR_DILATIONS, Refiner
+if TYPE_CHECKING:
+    from emerdiff_pl.inputs import InputPolicy
 
 FEATURE_LAYER = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
 MODULATED_LAYER = "up_blocks.1.attentions.2.transformer_blocks.0.attn2"
@@ -24,6 +25,12 @@ Difference = Literal["two_sided", "one_sided"]
 Decoder = Literal["vae", "taesd", "latent"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 AttentionBackend = Literal["auto", "sdpa", "xformers"]
+ResizeMode = Literal["keep_aspect", "short_side", "square"]  # emerdiff_pl.inputs.InputPolicy
+# Which NHWC GroupNorm runs on CUDA: "auto" (the Triton kernels where a probe passes, else torch ops), "triton",
+# or "torch". The CPU always takes torch ops (emerdiff_pl.layout).
+GroupNormKernel = Literal["auto", "triton", "torch"]
+Refiner = Literal["none", "guided", "bilateral", "pamr"]  # emerdiff_pl.refine
+PAMR_DILATIONS: tuple[int, ...] = (1, 2, 4, 8, 12, 24)  # Araslanov & Roth's (and DiffCut's) dilations
 
 
 def _at_least(low: float) -> dict[str, Any]:
@@ -32,6 +39,12 @@ def _at_least(low: float) -> dict[str, Any]:
 
 def _above(low: float) -> dict[str, Any]:
     return {"above": low}
+
+
+# How the labels are computed, not what they are: a field marked so never makes a rerun into an output folder
+# count as "other settings" (each is tested to give the same labels). Every other field shapes the labels, so a
+# field added later counts by default.
+RUNTIME_ONLY = {"runtime_only": True}
 
 
 @dataclass(frozen=True)
@@ -115,14 +128,14 @@ class EmerDiffConfig:
     kmeans_n_init: int = field(default=10, metadata=_at_least(1))
     kmeans_max_iter: int = field(default=100, metadata=_at_least(1))
     seed: int = 0
-    max_branch_batch: int | Literal["auto"] = field(default="auto", metadata=_at_least(1))
+    max_branch_batch: int | Literal["auto"] = field(default="auto", metadata=_at_least(1) | RUNTIME_ONLY)
     dtype: DType = "auto"
-    attention_backend: AttentionBackend = "auto"
-    channels_last: bool = True
-    group_norm_kernel: GroupNormKernel = "auto"
-    prefix_sharing: bool = True
-    batched_reference: bool = True
-    compile: bool = False
+    attention_backend: AttentionBackend = field(default="auto", metadata=RUNTIME_ONLY)
+    channels_last: bool = field(default=True, metadata=RUNTIME_ONLY)
+    group_norm_kernel: GroupNormKernel = field(default="auto", metadata=RUNTIME_ONLY)
+    prefix_sharing: bool = field(default=True, metadata=RUNTIME_ONLY)
+    batched_reference: bool = field(default=True, metadata=RUNTIME_ONLY)
+    compile: bool = field(default=False, metadata=RUNTIME_ONLY)
     decoder: Decoder = "vae"
     taesd_model: str = "madebyollin/taesd"
     refine: Refiner = "none"
@@ -143,6 +156,8 @@ class EmerDiffConfig:
     @property
     def input_policy(self) -> InputPolicy:
         """The size the model takes each image at (the DataModule batches by it; ``segment`` checks it)."""
+        from emerdiff_pl.inputs import InputPolicy  # imports torch: not at the config's import
+
         return InputPolicy(self.resolution, self.resize, self.resize_multiple)
 
     @property
@@ -153,6 +168,44 @@ class EmerDiffConfig:
     def hparams(self) -> dict[str, Any]:
         """Every setting by name (what ``hparams`` and ``<key>.json`` record)."""
         return {spec.name: getattr(self, spec.name) for spec in fields(self)}
+
+    def label_settings(self) -> dict[str, Any]:
+        """The settings that shape the labels: every field not marked :data:`RUNTIME_ONLY`. An output folder
+        records them and refuses a rerun whose labels they would change (``writer.allow_changed_settings``)."""
+        return {spec.name: getattr(self, spec.name) for spec in fields(self) if not _runtime_only(spec)}
+
+    @classmethod
+    def type_text(cls, name: str) -> str:
+        """Setting ``name``'s type in words (``int``, ``one of vae, taesd, latent``), for help texts."""
+        return _describe(get_type_hints(cls)[name])
+
+    @classmethod
+    def parse_value(cls, name: str, text: str) -> Any:
+        """A command-line string as setting ``name`` reads it: YAML (``8``, ``null``, ``[1, 2]``, ``true``), as
+        LightningCLI parses it, except where only the text fits the setting's type (``pretrained: 1234``)."""
+        import yaml
+
+        hint = get_type_hints(cls)[name]
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return text
+        if isinstance(value, list) and get_origin(hint) is tuple:
+            value = tuple(value)
+        return text if not _matches(value, hint) and _matches(text, hint) else value
+
+    @classmethod
+    def label_defaults(cls) -> dict[str, Any]:
+        """The default of every label-shaping setting (a setting an older output folder did not record had it)."""
+        return {
+            spec.name: spec.default
+            for spec in fields(cls)
+            if not _runtime_only(spec) and spec.default is not MISSING
+        }
+
+
+def _runtime_only(spec: Any) -> bool:
+    return bool(spec.metadata.get("runtime_only"))
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -198,4 +251,13 @@ def _check(name: str, value: Any, hint: Any, limits: Any) -> None:
         raise ValueError(f"model.{name} must be > {limits['above']}, got {value!r}")
 
 
-__all__ = ["FEATURE_LAYER", "MODULATED_LAYER", "EmerDiffConfig"]
+__all__ = [
+    "FEATURE_LAYER",
+    "MODULATED_LAYER",
+    "PAMR_DILATIONS",
+    "RUNTIME_ONLY",
+    "EmerDiffConfig",
+    "GroupNormKernel",
+    "Refiner",
+    "ResizeMode",
+]

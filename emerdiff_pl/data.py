@@ -49,11 +49,13 @@ def deal(items: Sequence[Any], index: int, count: int) -> list[Any]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def ignore_sigterm(worker_id: int) -> None:
+def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: SIGTERM sent to the whole process group (SLURM preemption, ``scancel``)
-    must not kill the workers, or the main process dies on "DataLoader worker is killed" instead of closing
-    its shard; the main process winds down and the workers end with it."""
+    and SIGINT (Ctrl-C in a terminal reaches every process of the foreground group) must not end the workers,
+    or the main process dies on "DataLoader worker exited unexpectedly" instead of closing its shard; the main
+    process winds down and the workers end with it."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -375,7 +377,7 @@ class EmerDiffDataModule(pl.LightningDataModule):
             batch_size=None,
             num_workers=workers,
             persistent_workers=False,
-            worker_init_fn=ignore_sigterm if workers else None,
+            worker_init_fn=ignore_stop_signals if workers else None,
         )
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
@@ -389,6 +391,6 @@ __all__ = [
     "EmerDiffDataModule",
     "ImageStream",
     "deal",
-    "ignore_sigterm",
+    "ignore_stop_signals",
     "partition",
 ]

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ResizeMode = Literal["keep_aspect", "short_side", "square"]
+from emerdiff_pl.config import ResizeMode
+
 RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
 MAX_ASPECT = 4.0  # keep_aspect / short_side: model inputs are at most 4:1 (longer images are squashed to it)
 

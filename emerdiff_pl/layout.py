@@ -16,17 +16,16 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import Tensor, nn
 
-# Which NHWC GroupNorm runs on CUDA: "auto" (the Triton kernels where a probe passes, else torch ops), "triton",
-# or "torch". The CPU always takes torch ops. Set per module: `to_channels_last(..., group_norm=)`,
-# `set_group_norm_kernel`, or the segmenter's `group_norm_kernel` hyperparameter.
-GroupNormKernel = Literal["auto", "triton", "torch"]
+from emerdiff_pl.config import GroupNormKernel
+
+# GroupNormKernel (emerdiff_pl.config) is set per module: `to_channels_last(..., group_norm=)`,
+# `set_group_norm_kernel`, or the segmenter's `group_norm_kernel` setting.
 _triton_verdict: dict[torch.device, bool] = {}
 
 

@@ -259,8 +259,161 @@ def lock_path(output_dir: str | os.PathLike, prefix: str) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# encoding
+# the settings the labels were made with
 # --------------------------------------------------------------------------------------------------------------
+
+SETTINGS_FILE = "settings.json"  # the label-shaping settings of the folder's runs, written once by the first
+
+
+class SettingsChangedError(ValueError):
+    """A rerun into an output folder whose labels were made with other label-shaping settings."""
+
+
+def _plain(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as JSON gives them back (tuples become lists), so a record and a live config compare equal."""
+    return json.loads(json.dumps(settings, default=str))
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """The settings record at ``path`` (None when absent); a record another process is still writing is waited
+    for a moment (the O_EXCL fallback of :func:`_create_record` is not atomic)."""
+    for _ in range(20):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(record, dict) and isinstance(record.get("label_settings"), dict):
+                return record
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise SettingsChangedError(f"{path} is not a settings record: delete it if no run uses the folder")
+
+
+def _create_record(path: Path, record: dict[str, Any], replace: bool = False) -> bool:
+    """Write ``record`` at ``path`` unless one is there (or over it: ``replace``), atomically: the first of
+    several processes starting at once creates it, the others find it. Returns whether this call wrote it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(3)}.tmp")
+    tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    try:
+        if replace:
+            os.replace(tmp, path)
+            return True
+        os.link(tmp, path)  # fails when the name exists: an atomic create-if-absent, contents complete
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, indent=1))
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _settings_of_samples(root: Path, shards: list[str], names: set[str]) -> dict[str, Any] | None:
+    """The label settings of a folder labelled before it recorded them: the ``hparams`` in the ``<key>.json`` of
+    its first finished sample, restricted to ``names``; None when no sample says."""
+    for shard in shards[:1]:
+        with contextlib.suppress(Exception):
+            for sample in iter_samples(str(root / shard), fields={JSON_FIELD}):
+                hparams = sample.get(JSON_FIELD, {}).get("hparams")
+                if isinstance(hparams, dict):
+                    return {k: v for k, v in hparams.items() if k in names}
+                break
+    return None
+
+
+def settings_changes(
+    old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> dict[str, tuple[Any, Any]]:
+    """name → (recorded, new) for every setting that differs. A setting only one side has counts as its default
+    there (a setting added to the config after the folder was labelled, at its default, changes nothing)."""
+    old, new, defaults = _plain(old), _plain(new), _plain(defaults or {})
+    missing = object()
+    changes = {}
+    for name in sorted(old.keys() | new.keys()):
+        before, after = old.get(name, defaults.get(name, missing)), new.get(name, defaults.get(name, missing))
+        if before != after:
+            changes[name] = (
+                None if before is missing else before,
+                None if after is missing else after,
+            )
+    return changes
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]], group: str = "model") -> str:
+    """``model.num_masks 12 → 8, model.seed 0 → 1``."""
+    return ", ".join(
+        f"{group}.{name} {json.dumps(old)} → {json.dumps(new)}" for name, (old, new) in changes.items()
+    )
+
+
+def _labels_pending(root: Path) -> bool:
+    """Whether the folder holds labels (a finished shard) or a live run that may be writing them."""
+    if any(SHARD_PATTERN.match(p.name) for p in root.glob("*.tar")):
+        return True
+    return any(TaskLock.is_held(lock) for lock in root.glob(".*.lock"))
+
+
+def check_settings(
+    output_dir: str | os.PathLike,
+    settings: dict[str, Any],
+    defaults: dict[str, Any] | None = None,
+    allow_changed: bool = False,
+    record: bool = True,
+) -> dict[str, tuple[Any, Any]]:
+    """Compare the label-shaping ``settings`` of a run into ``output_dir`` with the ones its labels were made with;
+    returns the changes (none for a new folder, a resume, or ``allow_changed``), else raises
+    :class:`SettingsChangedError` naming them and the two ways out.
+
+    ``record``: write the folder's :data:`SETTINGS_FILE` when it has none (the first run; a folder labelled before
+    the record existed records the settings of its first sample). A record of a run that left no labels (no
+    finished shard, no live task) is replaced, so a failed first try does not bind the next one.
+    """
+    root = Path(output_dir)
+    path = root / SETTINGS_FILE
+    recorded = _read_record(path) if root.is_dir() else None
+    if recorded is not None and not _labels_pending(root):  # settings that labelled nothing
+        if record:
+            _create_record(path, _new_record(settings), replace=True)
+        return {}
+    if recorded is None and root.is_dir():
+        shards = sorted(p.name for p in root.glob("*.tar") if SHARD_PATTERN.match(p.name))
+        legacy = _settings_of_samples(root, shards, set(settings)) if shards else None
+        if legacy is not None:
+            recorded = _new_record(legacy, adopted_from=shards[0])
+            if record:
+                _create_record(path, recorded)
+                recorded = _read_record(path) or recorded
+    if recorded is None:
+        if not record or _create_record(path, _new_record(settings)):
+            return {}
+        recorded = _read_record(path)  # another process created it first: compare with that
+        assert recorded is not None
+    changes = settings_changes(recorded["label_settings"], settings, defaults)
+    if changes and not allow_changed:
+        raise SettingsChangedError(
+            f"--writer.output_dir {str(output_dir)!r} holds labels made with other settings: "
+            f"{describe_changes(changes)} ({path.name} records the folder's). Labels of different settings in one "
+            "folder would mean different things. Write to a new folder (--writer.output_dir NEW_DIR), or mix them "
+            "on purpose with --writer.allow_changed_settings true (this run's settings are then recorded beside "
+            "its shards)"
+        )
+    return changes
+
+
+def _new_record(settings: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "label_settings": _plain(settings),
+        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **extra,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -41,7 +41,8 @@ Decode = Callable[[Tensor, int], Tensor]
 class FrozenModel:
     """The frozen pieces the method drives: the U-Net (its processors set by `controller`), one U-Net call,
     the branch decoder, the noise schedule and the timesteps on it, the attention kernel, optional prefix
-    sharing at t_m, and the runtime's rows per U-Net call for a model input size."""
+    sharing at t_m, the runtime's rows per U-Net call for a model input size, and who is told how many branch
+    rows are done (`branch_rows(done, total)`: the bulk of a batch's work, for a progress estimate)."""
 
     unet: nn.Module
     call: UNetCall
@@ -54,6 +55,7 @@ class FrozenModel:
     controller: AttentionController
     backend: Backend
     prefix: PrefixSharing | None = None
+    branch_rows: Callable[[int, int], None] | None = None
 
     def input_size(self, latents: Tensor) -> tuple[int, int]:
         """(h, w) of the model input that VAE-encodes to `latents` (…, h/f, w/f)."""
@@ -210,6 +212,8 @@ def difference_maps(
     rgb_ref = None if plan.two_sided else model.decode(trajectory.final, min(chunk, batch))
     maps: list[Tensor] = []
     done = 0
+    tell = model.branch_rows or (lambda done, total: None)
+    tell(0, len(image))
 
     def run(size: int) -> None:
         nonlocal done
@@ -222,6 +226,7 @@ def difference_maps(
             else:
                 maps.append((rgb - rgb_ref[image[rows].to(rgb.device)]).norm(dim=1))
             done += len(rgb)
+            tell(done, len(image))
 
     with_oom_halving(chunk, run, "branches", even=plan.two_sided)
     model.controller.clear()

@@ -5,7 +5,9 @@ bar knows the total where it can: the inputs this run will label, i.e. the files
 local tar shards (a few seconds of reading at most; beyond that the total is estimated from the shards counted),
 less those the writer's read plan leaves out (done, or failed, in earlier runs). On a terminal it redraws one
 line every second, also while a long batch runs; elsewhere (a log file, SLURM) it prints a plain line every few
-images or every 30 s. Its counts are the :class:`~emerdiff_pl.writer.PseudoLabelWriter`'s (``counts()``).
+images or every 30 s. Its counts are the :class:`~emerdiff_pl.writer.PseudoLabelWriter`'s (``counts()``); before
+the first batch ends, the rate and ETA are estimated from the share of the running batch that the model says is
+done (``batch_progress()``, e.g. ``EmerDiffSegmenter``'s branch rows).
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ def format_duration(seconds: float) -> str:
 
 def format_rate(seconds_per_image: float) -> str:
     """Seconds per image when an image takes a second or more, else images per second."""
+    if seconds_per_image <= 0:
+        return "— images/s"
     if seconds_per_image >= 1.0:
         return f"{seconds_per_image:.1f} s/image"
     return f"{1.0 / seconds_per_image:.1f} images/s"
@@ -119,11 +123,13 @@ class ImageProgressBar(ProgressBar):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._writer: PseudoLabelWriter | None = None
+        self._model: Any = None
         self.count = InputCount(None, False)
         self._start = self._batch_start = self._last_line = self._last_done_at = 0.0
         self._last_done = 0
         self._batch_images = 0
         self._last_logged_position = 0
+        self._closed = False
 
     # ---- Lightning's ProgressBar interface ------------------------------------------------------------------
 
@@ -147,6 +153,13 @@ class ImageProgressBar(ProgressBar):
         """The writer's counts so far (zeros without a writer)."""
         return self._writer.counts() if self._writer is not None else WriterCounts(0, 0, 0, 0)
 
+    def batch_share(self) -> float:
+        """Images of the running batch done so far, as a fraction of images (the model's ``batch_progress()``
+        × the batch size); 0 when no batch runs or the model does not say."""
+        report = getattr(self._model, "batch_progress", None)
+        share = report() if self._batch_images and callable(report) else None
+        return float(share) * self._batch_images if share else 0.0
+
     def position(self) -> int:
         """Inputs handled so far, on the same footing as ``count.total``: labelled or failed in this run."""
         counts = self._counts()
@@ -164,6 +177,7 @@ class ImageProgressBar(ProgressBar):
         else:
             parts = [f"{position} images"]
         elapsed = now - self._start
+        share = self.batch_share()
         if done:  # the rate up to the last finished image: it does not drift while a batch runs
             last = self._last_done_at if self._last_done_at > self._start else now
             per_image = (last - self._start) / done
@@ -171,13 +185,20 @@ class ImageProgressBar(ProgressBar):
             if total is not None:
                 eta = max(total - position, 0) * per_image - (now - last)
                 parts.append(f"ETA {format_duration(max(eta, 0.0))}")
+        elif share > 0:  # no image finished yet: the running batch's share done says how fast it goes
+            per_image = (now - self._batch_start) / share
+            parts.append(f"~{format_rate(per_image)}")
+            if total is not None:
+                eta = max(total - position - share, 0.0) * per_image
+                parts.append(f"ETA ~{format_duration(eta)}")
         parts.append(f"elapsed {format_duration(elapsed)}")
         if failed:
             parts.append(f"{failed} failed")
         if skipped:
             parts.append(f"{skipped} skipped (earlier runs)")
         if self._batch_images and now - self._batch_start >= 2.0:
-            parts.append(f"batch of {self._batch_images} running {format_duration(now - self._batch_start)}")
+            running = f"batch of {self._batch_images} running {format_duration(now - self._batch_start)}"
+            parts.append(running + (f" ({100 * share / self._batch_images:.0f}% done)" if share else ""))
         return " · ".join(parts)
 
     # ---- output -------------------------------------------------------------------------------------------
@@ -223,6 +244,7 @@ class ImageProgressBar(ProgressBar):
             self._enabled = False
             return
         self._writer = PseudoLabelWriter.of(trainer)
+        self._model = pl_module
         datamodule = getattr(trainer, "datamodule", None)
         plan = self._writer.read_plan() if self._writer is not None else READ_ALL
         try:
@@ -276,19 +298,26 @@ class ImageProgressBar(ProgressBar):
             self._thread.join(timeout=5)
             self._thread = None
 
-    def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
-        if not self._enabled:
+    def _close(self) -> None:
+        """Stop the heartbeat and write the last progress line once, ending it on a terminal, so that what
+        follows (the writer's summary, an error) starts on a line of its own."""
+        if not self._enabled or self._closed or not self._active:
             return
+        self._closed = True
         self._finish()
         if self._tty():
             self._emit(self.line(), final=True)
         elif self.position() != self._last_logged_position:
             self._emit(self.line())
 
+    def on_predict_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._close()  # before any callback's on_predict_end: the writer prints its summary there
+
+    def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
+        self._close()
+
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        if self._active:
-            self._finish()
-            self._emit(self.line(), final=True)
+        self._close()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._finish()

@@ -5,7 +5,8 @@ rank and worker), split by node and by worker, read by :func:`emerdiff_pl.shardi
 one tar reader: a truncated or corrupt shard raises naming it), then a seeded shuffle buffer. Labels are decoded
 by :func:`emerdiff_pl.codec.read_label_png` (WebDataset's own image decoders convert label PNG modes), images as
 the prediction input was decoded. Images come from the label shards themselves (``writer.include_image: true``)
-or, for labels written without them, from separate image shards joined by key.
+or, for labels written without them, from the folder or shards predict read, joined by key
+(:func:`emerdiff_pl.sources.open_images`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from emerdiff_pl.codec import ImageDecodeError, decode_image, image_field, read_
 from emerdiff_pl.fields import SEG_FIELD
 from emerdiff_pl.paths import expand_urls
 from emerdiff_pl.shardio import ShardIndex, tar_samples
+from emerdiff_pl.sources import ImageSource, open_images
 
 _NO_PIXEL_LIMIT = 2**40  # predict already applied its decompression-bomb guard to these images
 
@@ -56,9 +58,10 @@ class PseudoLabelDataset(IterableDataset):
         urls: The label shards (brace pattern, glob, folder, list, ``::``-joined): ``emerdiff-pl predict`` or
             ``emerdiff-pl relabel`` output. Relabelled shards hold global ids in ``seg.png``; raw prediction
             shards hold per-image cluster ids (consistent within an image only).
-        images: Image shards to join by key when the labels were written without images (e.g. the converter
-            shards that were labelled). Every key must be on both sides: a one-sided key raises ``KeyError``
-            naming it. Local uncompressed ``.tar`` only (read by offset). ``None``: images from the label shards.
+        images: Where the images are when the labels were written without them: the folder or the shards predict
+            read (``--data.folder`` / ``--data.urls``; shards local and uncompressed, read by offset), keyed as
+            predict keyed them. Every key must be on both sides: a one-sided key raises ``KeyError`` naming it.
+            ``None``: images from the label shards.
         transform: Called as ``transform(image, label)`` with ``torchvision.tv_tensors.Image`` (uint8 3×H×W) and
             ``tv_tensors.Mask`` (int64 H×W), so a ``torchvision.transforms.v2`` pipeline transforms both
             jointly; returns (image, label). Without it images of different sizes cannot be batched.
@@ -90,9 +93,9 @@ class PseudoLabelDataset(IterableDataset):
         self.label_field = label_field
         self.seed = seed
         self.epoch = 0
-        self.image_index: ShardIndex | None = None
+        self.image_index: ImageSource | None = None
         if images is not None:
-            self.image_index = ShardIndex(images)
+            self.image_index = open_images(images if isinstance(images, str | os.PathLike) else list(images))
             check_join(_keys_of(self.urls), self.image_index.keys())
         shard_order = sample_order = None
         if shuffle:

@@ -19,15 +19,15 @@ and differ from mask to mask) changes nothing but ties. Every step is batched to
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Refiner = Literal["none", "guided", "bilateral", "pamr"]
-REFINERS: tuple[str, ...] = ("none", "guided", "bilateral", "pamr")
-PAMR_DILATIONS: tuple[int, ...] = (1, 2, 4, 8, 12, 24)  # Araslanov & Roth's (and DiffCut's) dilations
+from emerdiff_pl.config import PAMR_DILATIONS, Refiner
+
+REFINERS: tuple[str, ...] = get_args(Refiner)
 _OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
 

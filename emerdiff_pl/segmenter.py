@@ -75,6 +75,7 @@ class EmerDiffSegmenter(L.LightningModule):
         self.controller = attn.AttentionController(self.config.feature_layer, self.config.modulated_layer)
         self.prefix: PrefixSharing | None = None
         self.isolation = SampleErrorIsolation(self.label_batch)
+        self._branch_rows: tuple[int, int] | None = None  # (done, total) of the running batch's branches
 
     @classmethod
     def from_config(cls, config: EmerDiffConfig) -> EmerDiffSegmenter:
@@ -275,7 +276,19 @@ class EmerDiffSegmenter(L.LightningModule):
             controller=self.controller,
             backend=self.backend,
             prefix=self.prefix,
+            branch_rows=self._count_branch_rows,
         )
+
+    def _count_branch_rows(self, done: int, total: int) -> None:
+        self._branch_rows = (done, total)
+
+    def batch_progress(self) -> float | None:
+        """The share of the running batch's work done (its branch rows, most of it), for the progress bar's
+        estimate while a long batch runs; None between batches."""
+        if self._branch_rows is None:
+            return None
+        done, total = self._branch_rows
+        return done / total if total else 0.0
 
     def remove_hooks(self) -> None:
         """Take prefix sharing's hooks off the U-Net (for a U-Net another segmenter shares next); the model then
@@ -331,6 +344,7 @@ class EmerDiffSegmenter(L.LightningModule):
             )
         timings: dict[str, float] = {}
         clock = time.perf_counter()
+        self._branch_rows = (0, 1)  # the reference pass: no branch row yet
 
         def lap(name: str) -> None:
             nonlocal clock
@@ -368,6 +382,7 @@ class EmerDiffSegmenter(L.LightningModule):
             lap("refine_s")
         labels = method.assign(scores, (out_h, out_w))
         lap("assign_s")
+        self._branch_rows = None
         return SegmentationResult(labels.cpu(), lowres.cpu(), embeddings.float().cpu(), timings)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, Any]:

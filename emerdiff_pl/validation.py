@@ -21,6 +21,12 @@ if TYPE_CHECKING:
 
 TINY_RANDOM, SD14_ARCH = "tiny-random", "sd14-arch"  # as in backbone.py, without importing diffusers
 _TOY_CONFIGS = "configs/toyworld.yaml (the shipped toy model) or configs/tiny.yaml (random weights, seconds)"
+# Stable Diffusion on a CPU, measured on a 2-core Xeon VM (issue 31): a 512² U-Net call 21–24 s, a VAE decode
+# 49 s; an image at the paper's settings makes ~600 U-Net calls (2K = 40 branches × 15 steps) and 40 decodes.
+SD_ON_CPU = (
+    "hours per image for Stable Diffusion at 512² on a CPU: ~600 U-Net calls of 21–24 s and 40 VAE decodes of "
+    "49 s each, about 4 h on a 2-core machine"
+)
 
 
 class UserError(ValueError):
@@ -45,7 +51,6 @@ def validate_predict_config(
     cfg = _as_dict(config)
     data, writer = dict(cfg.get("data") or {}), dict(cfg.get("writer") or {})
     model, trainer = dict(cfg.get("model") or {}), dict(cfg.get("trainer") or {})
-    problems: list[str] = []
     checks: list[tuple[Any, tuple[Any, ...]]] = [
         (check_input, (data.get("urls"), data.get("folder"), datamodule_class, data)),
         (check_output_dir, (writer.get("output_dir"),)),
@@ -53,15 +58,22 @@ def validate_predict_config(
     ]
     if model_class is None or _is_segmenter(model_class):  # test stand-ins have no config and no backbone
         checks.append((check_model_settings, (model,)))
+    problems = collect_problems(checks)
+    if problems is not None:
+        raise problems
+
+
+def collect_problems(checks: list[tuple[Any, tuple[Any, ...]]]) -> UserError | None:
+    """Run every ``(check, args)``; the :class:`UserError` of the one problem found, or one listing all."""
+    problems: list[str] = []
     for check, args in checks:
         try:
             check(*args)
         except UserError as err:
             problems.append(str(err))
-    if len(problems) == 1:
-        raise UserError(problems[0])
-    if problems:
-        raise UserError(f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+    if len(problems) > 1:
+        return UserError(f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+    return UserError(problems[0]) if problems else None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -77,13 +89,18 @@ def _is_segmenter(model_class: type) -> bool:
 
 def check_model_settings(model: dict[str, Any]) -> None:
     """The ``model:`` group builds a valid :class:`~emerdiff_pl.config.EmerDiffConfig` that fits its model."""
+    check_model(check_model_values(model))
+
+
+def check_model_values(model: dict[str, Any]) -> EmerDiffConfig:
+    """The :class:`~emerdiff_pl.config.EmerDiffConfig` of the ``model:`` group (types and ranges checked; no
+    model read), or a :class:`UserError` naming the flag."""
     from emerdiff_pl.config import EmerDiffConfig
 
     try:
-        config = EmerDiffConfig(**model)
+        return EmerDiffConfig(**model)
     except (TypeError, ValueError) as err:
         raise UserError(f"--{err}") from None
-    check_model(config)
 
 
 def _example_urls() -> str:
@@ -192,7 +209,7 @@ def check_accelerator(accelerator: Any, devices: Any = "auto") -> None:
     if not torch.cuda.is_available() and not mps:
         raise UserError(
             f"--trainer.accelerator {name} but this machine has no CUDA GPU. Add --trainer.accelerator cpu "
-            f"(slow: minutes per image for Stable Diffusion at 512²), or try {_TOY_CONFIGS}"
+            f"({SD_ON_CPU}), or try {_TOY_CONFIGS}"
         )
     wanted = devices if isinstance(devices, int) else (len(devices) if isinstance(devices, list) else None)
     count = torch.cuda.device_count()
@@ -352,11 +369,14 @@ def check_model(config: EmerDiffConfig) -> None:
 
 
 __all__ = [
+    "SD_ON_CPU",
     "UserError",
     "check_accelerator",
     "check_input",
     "check_model",
     "check_model_settings",
+    "check_model_values",
+    "collect_problems",
     "check_output_dir",
     "layer_side",
     "model_configs",

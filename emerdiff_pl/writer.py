@@ -10,12 +10,16 @@ Layout of ``output_dir`` (``<tag>`` = ``<prefix>-<run id>``; ``<prefix>`` = ``a<
     failures-<tag>.jsonl     one line per input that could not be labelled: {"key", "url", "reason", ...}
     summary-<tag>.json       done / skipped / failed / wall time / images per second, and the run status
     config-<tag>.yaml        the resolved CLI config (written by the CLI)
+    settings.json            the settings that shape the labels, recorded by the folder's first run
+    settings-<tag>.json      a run's own, where it differs (writer.allow_changed_settings)
 
 Guarantees (see slurm/README.md): one process per task prefix at a time (a second start exits with a message
 naming the owner; a dead owner's lock is released by the kernel); a visible ``.tar`` is complete and its manifest
 line records its size and checksum, which resume verifies (a shard that no longer matches is renamed
 ``<name>.corrupt`` and its keys are redone); a sample that cannot be decoded, encoded or written is recorded in
-the failures file and the run goes on, and reruns skip recorded failures unless ``retry_failures``.
+the failures file and the run goes on, and reruns skip recorded failures unless ``retry_failures``; a rerun
+whose label-shaping settings (``EmerDiffConfig.label_settings``) differ from the folder's is refused before it
+writes anything, naming them, unless ``allow_changed_settings``.
 ``emerdiff-pl merge-manifests OUTPUT_DIR`` (:mod:`emerdiff_pl.commands.merge`) folds everything into
 ``manifest.jsonl``, ``failures.jsonl`` and ``summary.json``, and names the array tasks to resubmit.
 """
@@ -47,6 +51,8 @@ from emerdiff_pl.manifest import (
     OutputState,
     TaskLock,
     array_task,
+    check_settings,
+    describe_changes,
     failed_keys,
     lock_path,
     new_run_id,
@@ -133,6 +139,10 @@ class PseudoLabelWriter(BasePredictionWriter):
         include_image: Also store the input image, so the shards are a training set on their own: the input's
             bytes unchanged as ``<key>.jpg`` / ``<key>.png`` when it is a JPEG / PNG without EXIF rotation,
             else the decoded original (the labels' pixel grid) as ``<key>.jpg``.
+        allow_changed_settings: Label into a folder whose earlier labels were made with other label-shaping
+            settings (``model.*`` other than runtime-only ones such as ``max_branch_batch``). By default such a
+            rerun is refused, naming the settings that differ; allowed, its settings are recorded in
+            ``settings-<tag>.json`` (and, as always, in every sample's ``<key>.json``).
     """
 
     def __init__(
@@ -142,6 +152,7 @@ class PseudoLabelWriter(BasePredictionWriter):
         overlay: bool = False,
         retry_failures: bool = False,
         include_image: bool = False,
+        allow_changed_settings: bool = False,
     ):
         super().__init__(write_interval="batch")
         if samples_per_shard < 1:
@@ -151,6 +162,8 @@ class PseudoLabelWriter(BasePredictionWriter):
         self.overlay = overlay
         self.retry_failures = retry_failures
         self.include_image = include_image
+        self.allow_changed_settings = allow_changed_settings
+        self.settings_changes: dict[str, tuple[Any, Any]] = {}
         self.run_id: str | None = None
         self.prefix: str | None = None
         self.array_index, self.array_count, self.rank, self.world_size = 0, 1, 0, 1
@@ -160,6 +173,8 @@ class PseudoLabelWriter(BasePredictionWriter):
         self._plan: ReadPlan | None = None
         self._lock: TaskLock | None = None
         self.shards_written: list[str] = []
+        self.kept_samples = 0  # samples in the shards this run finished
+        self.stopped_by: BaseException | None = None  # what interrupted the run (on_exception)
         self.done = self.skipped = self.skipped_failed = self.failed = 0
         self._segment_seconds = 0.0
         self._start: float | None = None
@@ -189,6 +204,13 @@ class PseudoLabelWriter(BasePredictionWriter):
         """Inputs so far: labelled, skipped (done before), skipped (failed before, not retried), failed."""
         return WriterCounts(self.done, self.skipped, self.skipped_failed, self.failed)
 
+    def kept(self) -> str:
+        """What an interrupted run kept and how to go on (the CLI's message after Ctrl-C)."""
+        return (
+            f"kept {self.kept_samples} image(s) labelled by this run in {len(self.shards_written)} finished "
+            f"shard(s) under {self.output_dir}; rerun the same command to resume (finished images are skipped)"
+        )
+
     # ---- naming -------------------------------------------------------------------------------------------
 
     def resolve_tag(self, trainer: pl.Trainer) -> str:
@@ -215,6 +237,7 @@ class PseudoLabelWriter(BasePredictionWriter):
         self.run_id = trainer.strategy.broadcast(self.run_id)  # one run id for all ranks of a DDP job
         self.output_dir.mkdir(parents=True, exist_ok=True)
         assert self.prefix is not None
+        self._check_settings(trainer, pl_module)  # before the lock: an idle folder's record may be replaced
         lock = TaskLock(lock_path(self.output_dir, self.prefix))
         lock.acquire(self.run_id)  # raises TaskLockedError while another live process runs this task
         self._lock = lock
@@ -232,6 +255,31 @@ class PseudoLabelWriter(BasePredictionWriter):
             keep_bytes=self.include_image,  # the input's own bytes, stored as they are
             keep_originals=self.overlay or self.include_image,
         )
+
+    def _check_settings(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse a run whose label-shaping settings differ from the ones the folder's labels were made with;
+        with ``allow_changed_settings``, record this run's in ``settings-<tag>.json`` and go on. A model without
+        a ``config.label_settings()`` (an EmerDiffConfig) is not checked."""
+        config = getattr(pl_module, "config", None)
+        if not callable(getattr(config, "label_settings", None)):
+            return
+        settings = _jsonable(config.label_settings())
+        defaults = _jsonable(config.label_defaults()) if hasattr(config, "label_defaults") else {}
+        self.settings_changes = check_settings(
+            self.output_dir, settings, defaults, allow_changed=self.allow_changed_settings
+        )
+        if not self.settings_changes:
+            return
+        changed = {name: list(pair) for name, pair in self.settings_changes.items()}
+        record = {"label_settings": settings, "changed": changed, "run_id": self.run_id}
+        self._file("settings", ".json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+        if trainer.is_global_zero:
+            print(
+                f"warning: {self.output_dir} holds labels of other settings "
+                f"({describe_changes(self.settings_changes)}); mixing them as --writer.allow_changed_settings "
+                f"asks, recorded in {self._file('settings', '.json').name}",
+                file=sys.stderr,
+            )
 
     def _quarantine(self, state: OutputState) -> None:
         """Say which finished shards failed their checks; rename this task's own out of the way (``.corrupt``),
@@ -326,8 +374,11 @@ class PseudoLabelWriter(BasePredictionWriter):
         if trainer.world_size > 1:
             totals = trainer.strategy.reduce(totals.to(trainer.strategy.root_device), reduce_op="sum").cpu()
         if trainer.is_global_zero:
+            from emerdiff_pl.progress import format_rate  # progress imports this module
+
             done, skipped, skipped_failed, failed = (int(v) for v in totals.tolist())
             wall = summary["wall_seconds"]
+            rate = f" ({format_rate(wall / done)})" if done else ""
             where = f"array task {self.array_index}/{self.array_count}, " if self.array_count > 1 else ""
             earlier = (
                 f", {skipped_failed} skipped (failed before; --writer.retry_failures true retries them)"
@@ -336,7 +387,7 @@ class PseudoLabelWriter(BasePredictionWriter):
             )
             print(
                 f"emerdiff-pl predict [{where}{self.world_size} rank(s)]: {done} labelled, {skipped} skipped "
-                f"(already done){earlier}, {failed} failed in {wall:.1f} s ({done / max(wall, 1e-9):.2f} images/s) "
+                f"(already done){earlier}, {failed} failed in {wall:.1f} s{rate} "
                 f"-> {self.output_dir} (summary: {self._file('summary', '.json').name})",
                 flush=True,
             )
@@ -346,6 +397,7 @@ class PseudoLabelWriter(BasePredictionWriter):
     ) -> None:
         """Keep the complete samples of the open shard (a torn one, or one that cannot be closed, is dropped),
         then write the summary: also after a full disk, whose partial shard is removed first."""
+        self.stopped_by = exception
         if self._lock is None or not self._lock.held:
             return  # never started (e.g. the task lock is held by another process): nothing of ours to close
         shard, self._shard = self._shard, None
@@ -440,6 +492,7 @@ class PseudoLabelWriter(BasePredictionWriter):
             return
         shard.close()  # on failure the temporary file is removed and the error propagates
         self.shards_written.append(shard.name)
+        self.kept_samples += len(shard.keys)
         record = {
             "shard": shard.name,
             "count": len(shard.keys),
@@ -493,6 +546,9 @@ class PseudoLabelWriter(BasePredictionWriter):
             "rank": self.rank,
             "world_size": self.world_size,
             "output_dir": str(self.output_dir),
+            **(
+                {"settings_changed": describe_changes(self.settings_changes)} if self.settings_changes else {}
+            ),
         }
         path = self._file("summary", ".json")
         tmp = path.with_name("." + path.name + ".tmp")

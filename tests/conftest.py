@@ -290,6 +290,20 @@ class ColourQuantizer(pl.LightningModule):
         }
 
 
+class ConfiguredQuantizer(ColourQuantizer):
+    """A ColourQuantizer that says which of its settings shape its labels as EmerDiffSegmenter does: its
+    ``config`` is an EmerDiffConfig (``label_settings()``) with its resolution, K and seed."""
+
+    @property
+    def config(self):
+        from emerdiff_pl.config import EmerDiffConfig
+
+        h = self.hparams
+        return EmerDiffConfig(
+            pretrained="tiny-random", resolution=h.resolution, num_masks=h.num_masks, seed=h.seed
+        )
+
+
 FAKE_CLI = """\
 import sys
 sys.path.insert(0, {tests!r})
@@ -302,6 +316,22 @@ if __name__ == "__main__":
 
     if dist.is_available() and dist.is_initialized():  # left open, gloo can abort the exit (code -6)
         sys.exit("cli_main left its DDP process group open")
+"""
+
+
+# The console script's own path (emerdiff_pl.cli.main: exit codes, messages) with a stand-in model; the command
+# line check that runs before Lightning knows EmerDiffSegmenter's options only, so the stand-in's go unchecked.
+FAKE_MAIN = """\
+import sys
+sys.path.insert(0, {tests!r})
+import conftest
+from emerdiff_pl import cli
+from emerdiff_pl.commands import predict, preflight
+
+run = predict.cli_main
+predict.cli_main = lambda args=None, **kwargs: run(args, model_class=conftest.{model})
+preflight.check_command_line = lambda argv: argv
+sys.exit(cli.main())
 """
 
 
@@ -319,6 +349,19 @@ def fake_cli(tmp_path: Path) -> Path:
     """A script running the real CLI with :class:`ColourQuantizer` as the model (a file, so DDP can relaunch it)."""
     script = tmp_path / "fake_cli.py"
     script.write_text(FAKE_CLI.format(tests=str(TESTS)))
+    return script
+
+
+@pytest.fixture
+def fake_main(tmp_path: Path):
+    """``fake_main(model="ColourQuantizer")``: a script running ``emerdiff-pl`` (the console script's main) with
+    that conftest stand-in as the model."""
+
+    def script(model: str = "ColourQuantizer") -> Path:
+        path = tmp_path / f"fake_main_{model}.py"
+        path.write_text(FAKE_MAIN.format(tests=str(TESTS), model=model))
+        return path
+
     return script
 
 

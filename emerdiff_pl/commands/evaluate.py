@@ -1,4 +1,6 @@
-"""``emerdiff-pl evaluate``: score pseudo-label shards against ground-truth shards (emerdiff_pl.metrics).
+"""``emerdiff-pl evaluate``: score pseudo-label shards against ground truth (emerdiff_pl.metrics): ground-truth
+shards (``<key>.gt.png``) or a folder of label PNGs named like the images predict read (``a.png`` for ``a.jpg``;
+the matching rule: :mod:`emerdiff_pl.sources`).
 
 Protocols (``--protocol``): ``global`` (dataset-wide Hungarian, the paper's Table 1), ``per-image``
 (DiffSeg/DiffCut style, lenient), ``both``, and ``concept`` (the paper's Table 2: nearest class concept
@@ -21,7 +23,8 @@ import numpy as np
 
 from emerdiff_pl.fields import EMB_FIELD, GT_FIELD, JSON_FIELD, LOWRES_FIELD, SEG_FIELD
 from emerdiff_pl.labelmaps import resize_labels_nearest
-from emerdiff_pl.shardio import ShardIndex, iter_samples
+from emerdiff_pl.shardio import iter_samples
+from emerdiff_pl.sources import open_labels
 
 if TYPE_CHECKING:
     from torchmetrics import Metric
@@ -142,7 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--pred", required=True, help="prediction shards, e.g. 'relabelled/shard-{000000..000009}.tar'"
     )
     parser.add_argument(
-        "--gt", required=True, help="ground-truth shards with <key>.gt.png (uint8, 255 = ignore)"
+        "--gt",
+        required=True,
+        help="ground truth: shards with <key>.gt.png (uint8, 255 = ignore), or a folder of label PNGs (class ids, "
+        "one channel) named like the images predict read: sub/a.png is the truth of sub/a.jpg (key sub/a_jpg) "
+        "or of the shard sample sub/a",
     )
     parser.add_argument(
         "--num-classes", type=int, required=True, help="number of ground-truth classes (27 for *-27)"
@@ -170,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="prediction label field (default seg.png; lowres.png is resized to the ground truth with nearest)",
     )
-    parser.add_argument("--gt-field", default=GT_FIELD, help=f"ground-truth label field (default {GT_FIELD})")
+    parser.add_argument(
+        "--gt-field", default=GT_FIELD, help=f"ground-truth label field of --gt shards (default {GT_FIELD})"
+    )
     parser.add_argument(
         "--ignore-index", type=int, default=255, help="ground-truth id to ignore (default 255)"
     )
@@ -256,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics["concept"] = ConceptIoU(args.num_classes, "dataset", ignore)
         metrics["concept_per_image"] = ConceptIoU(args.num_classes, "image", ignore)
 
-    gt_index = ShardIndex(args.gt, fields={args.gt_field})
+    truth = open_labels(args.gt, args.gt_field)
     seen: set[str] = set()
     pred_only: list[str] = []
     duplicates: list[str] = []
@@ -275,10 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         if pred_field not in sample or (concept and EMB_FIELD not in sample):
             no_field.append(key)
             continue
-        if key not in gt_index or args.gt_field not in gt_index.fields(key):
+        target = truth.label(key)
+        if target is None:
             pred_only.append(key)
             continue
-        target = gt_index.get(key, fields={args.gt_field}, labels={args.gt_field})[args.gt_field]
         pred = sample[pred_field]
         if pred.shape != target.shape:
             pred = resize_labels_nearest(pred, target.shape)
@@ -295,9 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, metric in metrics.items():
             metric.update(p, t)
             boundary[name].update(p, t)
-    gt_index.close()
-    gt_keys = [k for k in gt_index if args.gt_field in gt_index.fields(k)]
-    gt_only = [k for k in gt_keys if k not in seen] if args.limit is None else []
+    truth.close()
+    gt_only = truth.unmatched(seen) if args.limit is None else []
     evaluated = len(seen) - len(pred_only) - len(no_field)
     if evaluated == 0 and no_field:
         wanted = f"{pred_field!r}" + (f" and {EMB_FIELD!r}" if concept else "")
@@ -306,12 +314,18 @@ def main(argv: list[str] | None = None) -> int:
             "set --pred-field to one of the label fields the shards hold (seg.png, lowres.png, …)"
         )
     if evaluated == 0:
+        others = truth.unmatched(set())
+        hint = (
+            f"its ground truth is for other images (e.g. {others[:3]}): are these the same images?"
+            if others
+            else "it holds none: is --gt the ground truth (emerdiff-pl convert output, or a folder of label PNGs)?"
+        )
         raise ValueError(
-            f"no prediction key of {args.pred!r} is in the ground truth {args.gt!r} "
-            f"(e.g. prediction {pred_only[:3]} vs ground truth {gt_keys[:3]}): are these the same images?"
+            f"no prediction of {args.pred!r} has ground truth in --gt {args.gt!r}: {truth.why_missing(pred_only[0])}; "
+            + hint
         )
     for what, keys in (
-        ("in the predictions only", pred_only),
+        (f"in the predictions only ({truth.why_missing(pred_only[0])})" if pred_only else "", pred_only),
         ("in the ground truth only", gt_only),
         ("repeated in the predictions (first one scored)", duplicates),
     ):

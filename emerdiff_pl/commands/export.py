@@ -244,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--images",
         default=None,
-        help="image shards to join by key when the labels were written without images (writer.include_image "
-        "off), e.g. the input shards of predict",
+        help="where the images are when the labels were written without them (writer.include_image off): the "
+        "folder or shards predict read (its --data.folder or --data.urls), joined by key",
     )
     parser.add_argument(
         "--class-names",

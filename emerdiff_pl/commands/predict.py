@@ -30,6 +30,10 @@ def quiet_dependencies() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
+    # on every machine with SLURM's client installed, for any run started without srun (most runs)
+    warnings.filterwarnings(
+        "ignore", message=r"The `srun` command is available on your system but is not used"
+    )
     # GPU/TPU availability, "Seed set to", 💡 Tip adverts: rank_zero_info lines of Lightning's loggers
     for name in ("lightning.pytorch", "lightning.fabric", "lightning", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -143,10 +147,18 @@ class EmerDiffCLI(LightningCLI):
     ) -> Any:
         """``Trainer.predict`` that keeps no predictions unless asked (the writer has already stored them; an
         unset ``return_predictions`` would otherwise hold every image of the run in memory). A run that ends
-        well closes its process group (:func:`_close_process_group`)."""
-        predictions = self.trainer.predict(
-            model, datamodule=datamodule, return_predictions=bool(return_predictions)
-        )
+        well closes its process group (:func:`_close_process_group`). Ctrl-C, which Lightning turns into
+        ``sys.exit(1)`` once the callbacks have closed what they hold, is raised again as a KeyboardInterrupt
+        saying what was kept (the CLI exits 130)."""
+        try:
+            predictions = self.trainer.predict(
+                model, datamodule=datamodule, return_predictions=bool(return_predictions)
+            )
+        except SystemExit:
+            writer = PseudoLabelWriter.of(self.trainer)
+            if writer is not None and isinstance(writer.stopped_by, KeyboardInterrupt):
+                raise KeyboardInterrupt(writer.kept()) from None
+            raise
         _close_process_group()
         return predictions
 
@@ -186,10 +198,11 @@ def cli_main(
         seed_everything_default=0,
         auto_configure_optimizers=False,
         parser_kwargs={
+            "allow_abbrev": False,  # --model.num_mask is an error, not --model.num_masks
             "prog": "emerdiff-pl",
             "predict": {
                 "usage": "emerdiff-pl predict --config CONFIG [--model.* ...] [--data.* ...] [--writer.* ...] "
-                "[--trainer.* ...]   (emerdiff-pl predict --help lists every option)",
+                "[--trainer.* ...]   (emerdiff-pl predict --help: the project's options; --help-all: every one)",
                 "description": "Label images with EmerDiff and write a pseudo-label WebDataset. Typical use: "
                 "emerdiff-pl predict --config configs/sd14.yaml --data.urls 'in/shard-{000000..000099}.tar' "
                 "--writer.output_dir out/. Rerunning the same command resumes. Add --verbose for the messages "

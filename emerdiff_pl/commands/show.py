@@ -10,21 +10,15 @@ import argparse
 import itertools
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 
-from emerdiff_pl.codec import ImageDecodeError, decode_image, image_field
 from emerdiff_pl.datasets import class_names
 from emerdiff_pl.fields import GT_FIELD, JSON_FIELD, LOWRES_FIELD, OVERLAY_FIELD, SEG_FIELD, image_field_name
 from emerdiff_pl.labelmaps import boundaries, resize_labels_nearest
-from emerdiff_pl.paths import list_folder
-from emerdiff_pl.shardio import ShardIndex, iter_samples
+from emerdiff_pl.shardio import iter_samples
+from emerdiff_pl.sources import image_of, open_images, open_labels
 from emerdiff_pl.viz import BOUNDARY_COLOR, colorize, contact_sheet, display_ids, match_to_gt, overlay
-
-# --------------------------------------------------------------------------------------------------------------
-# images next to the predictions: in the prediction shards, source shards or the folder predict read
-# --------------------------------------------------------------------------------------------------------------
 
 
 def _find_image(sample: dict) -> np.ndarray | None:
@@ -33,54 +27,6 @@ def _find_image(sample: dict) -> np.ndarray | None:
     if isinstance(value, np.ndarray) and value.ndim == 3 and value.shape[2] == 3:
         return value
     return None
-
-
-class _FolderImages:
-    """The images of a folder under the keys ``predict --data.folder`` gave them."""
-
-    def __init__(self, folder: str):
-        self.paths = dict(list_folder(folder))
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.paths
-
-    def image(self, key: str) -> np.ndarray | None:
-        try:
-            with open(self.paths[key], "rb") as handle:
-                return decode_image(handle.read())
-        except (OSError, ValueError):
-            return None
-
-
-class _ShardImages:
-    """The images of source shards, by key."""
-
-    def __init__(self, urls: str):
-        self.index = ShardIndex(urls)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.index
-
-    def image(self, key: str) -> np.ndarray | None:
-        fields = {k: v for k, v in self.index.get_raw(key).items() if not k.startswith("__")}
-        try:
-            return decode_image(image_field(fields))
-        except ImageDecodeError:
-            return None
-
-
-def _holds_tars(path: str) -> bool:
-    return any(p.suffix == ".tar" for p in Path(path).iterdir())
-
-
-def open_images(spec: str) -> _FolderImages | _ShardImages:
-    """``--images``: source shards (patterns, a folder of ``*.tar``) or the image folder predict read."""
-    if os.path.isdir(spec) and not _holds_tars(spec):
-        images = _FolderImages(spec)
-        if not images.paths:
-            raise FileNotFoundError(f"--images {spec!r} holds neither *.tar shards nor images")
-        return images
-    return _ShardImages(spec)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -112,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(--data.folder) or its source shards (--data.urls)",
     )
     parser.add_argument(
-        "--gt", default=None, help="optional ground-truth shards with <key>.gt.png: adds a column"
+        "--gt",
+        default=None,
+        help="optional ground truth, adds a column: shards with <key>.gt.png, or a folder of label PNGs named like "
+        "the images (a.png for a.jpg)",
     )
     parser.add_argument(
         "--match",
@@ -167,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names = class_names(args.class_names) if args.class_names else None
     images = open_images(args.images) if args.images else None
-    gts = ShardIndex(args.gt, fields=(GT_FIELD,)) if args.gt else None
+    gts = open_labels(args.gt, GT_FIELD) if args.gt else None
     ignore = 255 if args.field == GT_FIELD else None  # showing ground-truth shards themselves
 
     samples = []
@@ -180,11 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         samples.append(sample)
     if not samples:
         raise ValueError(f"no samples in {args.input!r}")
-    gt_of = {
-        s["__key__"]: gts.get(s["__key__"])[GT_FIELD]
-        for s in samples
-        if gts is not None and s["__key__"] in gts
-    }
+    labels_of = {s["__key__"]: gts.label(s["__key__"]) for s in samples} if gts is not None else {}
+    gt_of = {key: label for key, label in labels_of.items() if label is not None}
     match = args.match
     if match == "auto":
         relabelled = all(isinstance(s.get(JSON_FIELD), dict) and "relabel" in s[JSON_FIELD] for s in samples)
@@ -203,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     for sample in samples:
         key, labels = sample["__key__"], sample[args.field]
         image = _find_image(sample)
-        if image is None and images is not None and key in images:
-            image = images.image(key)
+        if image is None and images is not None:
+            image = image_of(images, key)
         any_image |= image is not None
         gt = gt_of.get(key)
         mapping = None
