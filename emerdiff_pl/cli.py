@@ -26,6 +26,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "label images (WebDataset shards or a folder) into a pseudo-label shard set",
     ),
     "demo": ("emerdiff_pl.commands.demo", "label a few generated images end to end and show the result"),
+    "fit-probe": (
+        "emerdiff_pl.commands.fit_probe",
+        "fit the few-shot probe of model.classifier: probe on a few labelled images",
+    ),
     "relabel": (
         "emerdiff_pl.commands.relabel",
         "map per-image masks to dataset-wide classes via their embeddings",

@@ -27,10 +27,10 @@ from emerdiff_pl.classifiers import (
     coarse_scores,
     fit_probe,
     id2label,
-    read_class_names,
 )
 from emerdiff_pl.classifiers.clip import clip_input_size, save_tiny_random_clip
 from emerdiff_pl.classifiers.probe import cell_label_fractions
+from emerdiff_pl.datasets import class_names
 
 IGNORE = method.IGNORE_CLASS
 
@@ -386,8 +386,8 @@ def test_field_scores_stack_coarse_maps_of_any_size_at_one_size():
 def test_class_names_come_from_a_list_or_a_file_and_map_ids_to_first_names(tmp_path):
     path = tmp_path / "classes.txt"
     path.write_text("# toy world\nsky\n\nwater, sea\ngrass\n")
-    names = read_class_names(str(path))
-    assert names == ("sky", "water, sea", "grass") == read_class_names(list(names))
+    names = class_names(str(path))
+    assert names == ["sky", "water, sea", "grass"] == class_names(names)
     assert id2label(names) == {"0": "sky", "1": "water", "2": "grass"}
-    with pytest.raises(ValueError, match="'sky' appears twice"):
-        read_class_names(["sky", "sky, heaven"])
+    with pytest.raises(ValueError, match="names 'sky' twice"):
+        class_names(["sky", "sky, heaven"])

@@ -16,7 +16,15 @@ import numpy as np
 
 from emerdiff_pl.codec import ImageDecodeError, decode_image, image_field
 from emerdiff_pl.datasets import class_names
-from emerdiff_pl.fields import GT_FIELD, JSON_FIELD, LOWRES_FIELD, OVERLAY_FIELD, SEG_FIELD, image_field_name
+from emerdiff_pl.fields import (
+    GT_FIELD,
+    IGNORE_CLASS,
+    JSON_FIELD,
+    LOWRES_FIELD,
+    OVERLAY_FIELD,
+    SEG_FIELD,
+    image_field_name,
+)
 from emerdiff_pl.labelmaps import boundaries, resize_labels_nearest
 from emerdiff_pl.paths import list_folder
 from emerdiff_pl.shardio import ShardIndex, iter_samples
@@ -119,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "image", "dataset", "none"),
         default="auto",
         help="with --gt, how predicted ids get GT colours: per image (per-image cluster ids), over all rows "
-        "(dataset-wide ids, e.g. relabel output), or none (fixed colour per id). auto: dataset for relabelled "
-        "shards, else image",
+        "(dataset-wide ids, e.g. relabel output), or none (fixed colour per id). auto: none for named output "
+        "(model.classifier: ids are classes), dataset for relabelled shards, else image",
     )
     parser.add_argument(
         "--field", default=SEG_FIELD, help=f"label field drawn on the overlay (default {SEG_FIELD})"
@@ -159,6 +167,15 @@ def _overlay_with(
     return out
 
 
+def _named(samples: list[dict], field: str) -> list[str] | None:
+    """The class names of named output (predict with ``model.classifier``: ``field`` holds class ids), else None."""
+    from emerdiff_pl.classifiers.names import named_classes
+
+    if field != SEG_FIELD:
+        return None
+    return named_classes(samples[0].get(JSON_FIELD))
+
+
 def main(argv: list[str] | None = None) -> int:
     """``emerdiff-pl show``: write the contact sheet; 0 on success, 2 for a bad argument."""
     args = build_parser().parse_args(argv)
@@ -185,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         for s in samples
         if gts is not None and s["__key__"] in gts
     }
-    match = args.match
+    named = _named(samples, args.field)
+    if named is not None:  # class ids: coloured by class, named in the legend, 255 = ignore (black)
+        names, ignore = names or named, IGNORE_CLASS
+    match = "none" if named is not None and args.match == "auto" else args.match
     if match == "auto":
         relabelled = all(isinstance(s.get(JSON_FIELD), dict) and "relabel" in s[JSON_FIELD] for s in samples)
         match = "dataset" if relabelled else "image"
@@ -215,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             if pred == ignore:
                 continue
             if mapping is None:
-                name = names[pred] if names and gts is None and pred < len(names) else ""
+                named_ids = gts is None or named is not None
+                name = names[pred] if names and named_ids and pred < len(names) else ""
                 legend_ids.setdefault(pred, f"{pred} {name}".strip())
             elif pred in mapping:
                 gt_class = mapping[pred]
@@ -258,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if gts is not None:
         titles.append(f"ground truth ({GT_FIELD})")
-    section = f"ids in {args.field}" + (
+    section = ("classes" if named is not None else "ids") + f" in {args.field}" + (
         f" (matched to GT per {'image' if match == 'image' else 'sheet'})" if matched else ""
     )
     legend = [(section, sorted(legend_ids.items())[:96])]
