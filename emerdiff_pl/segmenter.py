@@ -445,7 +445,7 @@ class EmerDiffSegmenter(L.LightningModule):
         else:
             scores = self._refine(maps.scores, maps.images, lap)
             masks = scores.argmax(1)  # (B, h, w): the masks at the model input size
-            mean = method.mask_mean_scores(class_scores, masks, config.num_masks)
+            mean = self.mask_scores(maps, class_scores, masks)
             mask_classes = method.classes_of_masks(mean, threshold)
             if config.refine == "none":
                 labels = method.name_masks(method.assign(scores, (out_h, out_w)), mask_classes)
@@ -481,6 +481,14 @@ class EmerDiffSegmenter(L.LightningModule):
                 "segment(coarse=...) or read inputs with EmerDiffDataModule (it reads <key>.coarse.png / .npy)"
             )
         return classifier.scores(coarse, tuple(maps.scores.shape[-2:])).to(maps.scores.device)
+
+    def mask_scores(self, maps: ScoreMaps, class_scores: Tensor, masks: Tensor) -> Tensor:
+        """Each mask's class scores (B, K, C), what names it: the probe applied to the mask's embedding (its mean
+        query vector, `maps.embeddings`); for the other classifiers the mean of `class_scores` over the mask's
+        pixels (`masks` (B, h, w) in [0, K))."""
+        if self.config.classifier == "probe":
+            return self.classifier.mask_scores(maps.embeddings.to(class_scores.device))
+        return method.mask_mean_scores(class_scores, masks, self.config.num_masks)
 
     def _refine(self, scores: Tensor, images: Tensor, lap: Callable[[str], None]) -> Tensor:
         """The configured refiner on score maps (B, K or C, h, w), guided by the images (none: unchanged)."""

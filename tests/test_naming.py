@@ -7,7 +7,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +27,7 @@ from emerdiff_pl.classifiers import (
     fit_probe,
     id2label,
 )
-from emerdiff_pl.classifiers.clip import clip_input_size, save_tiny_random_clip
+from emerdiff_pl.classifiers.clip import clip_input_size
 from emerdiff_pl.classifiers.probe import cell_label_fractions
 from emerdiff_pl.datasets import class_names
 
@@ -236,12 +235,6 @@ def test_the_probe_reads_features_of_the_current_segmenter():
 # ----------------------------------------------------------------------------------------------------------------
 # clip
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_folder(tmp_path_factory) -> Path:
-    """A tiny random CLIPModel and its processor saved as a user's folder (loaded from there like one)."""
-    return save_tiny_random_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 CLIP_NAMES = ("sky", "water, sea", "grass")

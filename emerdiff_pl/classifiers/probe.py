@@ -176,6 +176,11 @@ class Probe(nn.Module):
         probs = self.logits(features).softmax(-1)  # (B, N, C)
         return probs.transpose(1, 2).reshape(batch, self.num_classes, h, w)
 
+    def mask_scores(self, embeddings: Tensor) -> Tensor:
+        """Class probabilities (B, K, C) of masks from their embeddings (B, K, D), each mask's mean query vector
+        (`SegmentationResult.mask_embeddings`): the probe applied to the embedding averaged inside the mask."""
+        return self.logits(embeddings).softmax(-1)
+
     def check_source(self, source: FeatureSource, path: str | Path | None = None) -> None:
         """Refuse features that are not what the probe was fit on (a ValueError naming both); warn on a
         different resolution or resize."""

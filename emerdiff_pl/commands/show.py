@@ -279,8 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if gts is not None:
         titles.append(f"ground truth ({GT_FIELD})")
-    section = ("classes" if named is not None else "ids") + f" in {args.field}" + (
-        f" (matched to GT per {'image' if match == 'image' else 'sheet'})" if matched else ""
+    section = (
+        ("classes" if named is not None else "ids")
+        + f" in {args.field}"
+        + (f" (matched to GT per {'image' if match == 'image' else 'sheet'})" if matched else "")
     )
     legend = [(section, sorted(legend_ids.items())[:96])]
     if gt_seen:
