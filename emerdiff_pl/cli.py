@@ -32,15 +32,15 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "relabel": (
         "emerdiff_pl.commands.relabel",
-        "map per-image masks to dataset-wide classes via their embeddings",
+        "map per-image masks to dataset-wide classes via their embeddings (not for named output)",
     ),
     "evaluate": (
         "emerdiff_pl.commands.evaluate",
-        "score pseudo-labels against ground-truth shards (Hungarian mIoU)",
+        "score pseudo-labels against ground-truth shards (Hungarian mIoU; named output: no matching)",
     ),
     "export": (
         "emerdiff_pl.commands.export",
-        "relabelled shards as images/ + labels/ PNG folders for a segmentation trainer",
+        "relabelled or named shards as images/ + labels/ PNG folders for a segmentation trainer",
     ),
     "show": (
         "emerdiff_pl.commands.show",

@@ -96,7 +96,7 @@ class EmerDiffConfig:
         refine_dilations: `pamr`'s neighbour dilations (pixels at model resolution).
         refine_radius: `guided` / `bilateral` window radius, pixels at model resolution.
         refine_eps: `guided`'s ε, a colour variance in [0, 1] RGB units (`bilateral`: colour σ = √ε).
-        classifier: what names the masks (docs/method.md §8): `none` (per-image mask ids, today's output),
+        classifier: what names the masks (docs/method.md §14): `none` (per-image mask ids, today's output),
             `probe` (a few-shot probe on the feature layer's queries, written by `emerdiff-pl fit-probe`), `clip`
             (open vocabulary: a CLIP image encoder's dense scores for `class_names`) or `field` (a coarse map that
             comes with each input: `<key>.coarse.png` / `.npy` in shards, `<stem>.coarse.png` / `.npy` beside a

@@ -5,6 +5,7 @@
     plan = branch_plan(lowres, grid, config)                                 # §4 a row per (image, mask, sign)
     maps = difference_maps(model, trajectory, lowres, config)               # §4–§6 modulated denoising, ‖I⁻ − I⁺‖
     labels = assign(smooth(maps, config.gaussian_sigma), size)              # §6 smoothing, argmax, nearest resize
+    labels = classify_masks(class_scores, masks, num_masks)                 # §14 named classes (the last section)
 
 `difference_maps_naive` is the slow reference of the vectorized path: one mask and sign at a time, masks built
 from `lowres == i` by itself, explicit attention probabilities. The frozen model reaches these functions as a
@@ -315,7 +316,7 @@ __all__ = [
 # A class-aware but coarse predictor gives per-pixel class scores (B, C, h', w'); each EmerDiff mask takes the
 # class with the highest mean score inside it. For scores linear in a pixel embedding (cosine with normalized
 # CLIP embeddings, a linear probe's logits) the mean score is the score of the mean embedding: the paper's
-# "embeddings averaged inside the mask". Appended as one section; nothing above depends on it.
+# "embeddings averaged inside the mask" (docs/method.md §14). One section; nothing above depends on it.
 # ==============================================================================================================
 
 

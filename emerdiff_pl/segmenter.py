@@ -416,7 +416,7 @@ class EmerDiffSegmenter(L.LightningModule):
         self, maps: ScoreMaps, output_size: tuple[int, int], coarse: Sequence[Tensor] | None = None
     ) -> SegmentationResult:
         """`segment` from the score maps on: `refine`, then without a classifier the argmax (mask ids); with one,
-        its class scores name the masks (docs/method.md §8): `emerdiff` masks (after `refine` of the difference
+        its class scores name the masks (docs/method.md §14): `emerdiff` masks (after `refine` of the difference
         maps) each take their highest mean class score, the named class maps are refined again and their argmax
         taken; `lowres_bilinear` refines and takes the argmax of the classifier's scores alone, upsampled
         bilinearly. Labels are resized nearest to `output_size`."""

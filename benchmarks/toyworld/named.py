@@ -11,7 +11,7 @@ seeds as evaluate.py's) are then labelled by the segmenter of that config with `
   argmax); `probe_bilinear+pamr`: the same with `refine: pamr`;
 - `emerdiff`: `method: emerdiff` + the probe (EmerDiff's masks, each named by the probe); `emerdiff+pamr`: with
   `refine: pamr` (on the difference maps before the mask argmax, and on the named class maps before the final
-  argmax: docs/method.md §8);
+  argmax: docs/method.md §14);
 - the same four with the `field` classifier, prefixed `field_`: a simulated coarse predictor (the ground truth at
   the 16×16 feature grid, majority per cell, `--field-noise` of the cells relabelled to a random other class),
   sent as `<key>.coarse.png` bytes through the DataModule's decoder; and `field2x2_`: the noise drawn per 2×2-cell

@@ -1,6 +1,6 @@
 """Classifiers that name EmerDiff's masks (issue 27): each gives class scores (B, C, h, w) at its own coarse grid,
 plus `class_names` and a `record()` for the output, and the method's mask-classification step
-(emerdiff_pl.method, docs/method.md §8) names every image-resolution mask from them. `probe` reads the U-Net
+(emerdiff_pl.method, docs/method.md §14) names every image-resolution mask from them. `probe` reads the U-Net
 feature layer's query vectors, `clip` the images, `field` coarse maps that arrive with each input.
 
 The names are imported lazily (the `clip` module imports transformers), and :func:`build_classifier` builds the

@@ -1,13 +1,15 @@
-"""``emerdiff-pl export``: relabelled pseudo-label shards as a training set in a layout trainers read.
+"""``emerdiff-pl export``: relabelled or named pseudo-label shards as a training set in a layout trainers read.
 
 ``--format folder`` writes ``images/<key>.png`` (RGB) and ``labels/<key>.png`` (global class ids, 8-bit, or
 16-bit past 255 classes) plus ``classes.txt`` (one name per line, line i = id i) and ``export.json`` (written last:
 its presence marks a complete export). This is mmsegmentation's custom-dataset layout (``img_suffix='.png'``,
 ``seg_map_suffix='.png'``, ``data_prefix=dict(img_path='images', seg_map_path='labels')``) and what most
-segmentation trainers' folder loaders read. Only relabelled shards (``emerdiff-pl relabel`` output, marked by the
-``relabel`` record in each ``<key>.json``) of one relabel run (one ``centroids_sha256``) are accepted: raw
-per-image cluster ids, or the ids of two runs, mean different things in different images, so they are not a
-training set; a label id outside the run's classes is refused too.
+segmentation trainers' folder loaders read. Only labels whose ids mean the same in every image are accepted:
+relabelled shards (``emerdiff-pl relabel`` output, marked by the ``relabel`` record in each ``<key>.json``) of one
+relabel run (one ``centroids_sha256``), or named output (predict with ``model.classifier``: ``<key>.json`` names
+the classes; they go to ``classes.txt`` unless ``--class-names`` overrides them, and 255 stays the ignore id).
+Raw per-image cluster ids, or the ids of two runs, mean different things in different images, so they are not a
+training set; a label id outside the classes is refused too.
 
 ``--format hf`` writes the same pairs as a Hugging Face ``datasets`` dataset (see :func:`export_hf`). Both
 formats also write ``id2label.json`` (``{"0": name, ...}``, the file transformers' segmentation models read).
@@ -243,12 +245,13 @@ EXPORTERS = {"folder": export_folder, "hf": export_hf}
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emerdiff-pl export",
-        description="Export relabelled pseudo-label shards (emerdiff-pl relabel output) as a training set: "
-        "--format folder writes images/<key>.png, labels/<key>.png (global class ids), classes.txt and "
-        "export.json (mmsegmentation's custom-dataset layout).",
+        description="Export relabelled pseudo-label shards (emerdiff-pl relabel output) or named ones (predict "
+        "with model.classifier: class ids and their names, 255 = ignore) as a training set: --format folder writes "
+        "images/<key>.png, labels/<key>.png (global class ids), classes.txt and export.json (mmsegmentation's "
+        "custom-dataset layout).",
     )
     parser.add_argument(
-        "--input", required=True, help="relabelled shards, e.g. 'relabelled/*.tar' or a folder"
+        "--input", required=True, help="relabelled or named shards, e.g. 'relabelled/*.tar' or a folder"
     )
     parser.add_argument(
         "--format",
@@ -268,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--class-names",
         default=None,
         help="names for classes.txt: cocostuff27, cityscapes27, toyworld, a comma list (a,b,c) or a file with one "
-        "per line; as many as the relabelled classes (default class_0, class_1, ...)",
+        "per line; as many as the classes (default: named output's own names, else class_0, class_1, ...)",
     )
     return parser
 

@@ -13,7 +13,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="emerdiff-pl relabel",
         description="Cluster the mask embeddings of a whole prediction dataset into C global classes (weighted "
         "by mask area, seeded k-means) and rewrite every <key>.seg.png / <key>.lowres.png with global ids. "
-        "Output shards keep the input names and keys; DIR also gets centroids.npy and relabel.json.",
+        "Output shards keep the input names and keys; DIR also gets centroids.npy and relabel.json. Named output "
+        "(predict with model.classifier) already holds class ids: it is refused (exit 2), export it as it is.",
     )
     parser.add_argument(
         "--input", required=True, help="prediction shards, e.g. 'preds/shard-{000000..000099}.tar'"

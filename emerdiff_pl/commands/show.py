@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emerdiff-pl show",
         description="Contact sheet of a pseudo-label run: one row per sample with image | overlay | low-res mask "
-        "(and ground truth with --gt), plus a legend of the ids shown. Without --gt colours are fixed per id; "
+        "(and ground truth with --gt), plus a legend of the ids shown. Named output (model.classifier) is coloured "
+        "by class, its legend names the classes. Otherwise, without --gt colours are fixed per id; "
         "with --gt each predicted id takes the colour of the ground-truth class it is matched to (Hungarian "
         "matching on shared pixels), so a region has one colour in both columns.",
     )
