@@ -318,7 +318,7 @@ def test_fit_probe_reports_no_labels_and_ids_beyond_the_classes(tmp_path, capsys
     assert "no labelled images" in capsys.readouterr().err
     (folder / "a.gt.png").write_bytes(_png(np.full((32, 32), 5, np.uint8)))
     assert main([*args, "--out", str(tmp_path / "p.safetensors")]) == 2
-    assert "label ids [5] are ≥ the 2 classes" in capsys.readouterr().err
+    assert "'a_jpg': label ids [5] are ≥ the 2 classes of --class-names" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------------
