@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import FAST_SEGMENTER, encode, random_rgb, read_output, smooth_images, write_tar
 from PIL import Image
 
@@ -104,20 +105,27 @@ def test_segment_is_label_maps_of_score_maps(classifier, tiny_probe, tiny_clip_f
 
 
 def test_the_probe_names_masks_by_their_embedding_and_reads_no_second_pass(tiny_probe, monkeypatch):
-    """Each EmerDiff mask takes the probe's class of its mean query vector; the probe reads the reference pass's
-    queries (one reference pass per segment), and its coarse scores come back for the baseline."""
+    """Each EmerDiff mask takes the probe's class of its mean query vector (its embedding), not the mean of the
+    pixel scores; the probe reads the reference pass's queries (one reference pass per segment), and its coarse
+    scores come back for the baseline."""
     seg = EmerDiffSegmenter(**FAST_SEGMENTER, classifier="probe", probe=str(tiny_probe))
     passes = []
     reference_pass = method.reference_pass
     monkeypatch.setattr(method, "reference_pass", lambda *a, **k: passes.append(1) or reference_pass(*a, **k))
     images = smooth_images(2, seed=2)
     maps = seg.score_maps(images, seeds=[0, 1])
+    k = FAST_SEGMENTER["num_masks"]
+    named = torch.arange(k) % 3  # mask i → class i mod 3, whatever its pixels score
+    seen = []
+    monkeypatch.setattr(
+        seg.classifier,
+        "mask_scores",
+        lambda emb: seen.append(emb) or F.one_hot(named, 3).float().expand(len(emb), -1, -1),
+    )
     result = seg.label_maps(maps, (64, 64))
-    assert len(passes) == 1
-    expected = seg.classifier.mask_scores(maps.embeddings).argmax(-1)
-    assert torch.equal(result.mask_classes, expected)
-    masks = maps.scores.argmax(1)
-    assert torch.equal(result.labels, method.name_masks(masks, expected))
+    assert len(passes) == 1 and torch.equal(seen[0], maps.embeddings)
+    assert torch.equal(result.mask_classes, named.expand(2, -1))
+    assert torch.equal(result.labels, method.name_masks(maps.scores.argmax(1), result.mask_classes))
     grid = tuple(maps.lowres.shape[-2:])
     assert torch.equal(result.class_scores, seg.classifier.scores(maps.features, grid))
 
