@@ -95,7 +95,7 @@ def tiny_random_components(seed: int = 0) -> dict:
             block_out_channels=(16, 32),
             norm_num_groups=8,
         )
-        text_encoder = _random_text_encoder(hidden_size=32, layers=2, heads=4)
+        text_encoder = random_text_encoder(hidden_size=32, layers=2, heads=4)
     return {
         "unet": unet,
         "vae": vae,
@@ -133,7 +133,7 @@ def sd14_arch_components(seed: int = 0) -> dict:
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
         )
-        text_encoder = _random_text_encoder(hidden_size=768, layers=1, heads=12)
+        text_encoder = random_text_encoder(hidden_size=768, layers=1, heads=12)
     return {
         "unet": unet,
         "vae": vae,
@@ -143,7 +143,7 @@ def sd14_arch_components(seed: int = 0) -> dict:
     }
 
 
-def _random_text_encoder(hidden_size: int, layers: int, heads: int) -> CLIPTextModel:
+def random_text_encoder(hidden_size: int, layers: int, heads: int) -> CLIPTextModel:
     """A CLIP text encoder over the tiny vocabulary (77 positions), random weights from the current RNG."""
     config = CLIPTextConfig(
         vocab_size=len(_tiny_vocab()),
@@ -180,7 +180,7 @@ def tiny_tokenizer() -> CLIPTokenizer:
         )
 
 
-def _local_path(name: str) -> Path | None:
+def local_path(name: str) -> Path | None:
     """The folder `name` points to, or None when it reads as a hub id ("org/name", not a local path)."""
     path = Path(name).expanduser()
     looks_local = path.is_absolute() or name.startswith((".", "~")) or path.exists()
@@ -194,7 +194,7 @@ def resolve_local_model(pretrained: str) -> Path | None:
     shipped = _SHIPPED_MODELS / pretrained
     if "/" not in pretrained and (shipped / "model_index.json").is_file():
         return shipped
-    path = _local_path(pretrained)
+    path = local_path(pretrained)
     if path is None:
         return None
     if not path.is_dir():
@@ -214,7 +214,7 @@ def resolve_local_model(pretrained: str) -> Path | None:
     return path
 
 
-def _hub_error(hub_id: str, option: str, folder: str, err: Exception) -> OSError:
+def hub_error(hub_id: str, option: str, folder: str, err: Exception) -> OSError:
     """The error for a hub id that could not be loaded (offline or unreachable): how to get the files."""
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     return OSError(
@@ -244,7 +244,7 @@ def load_backbone(pretrained: str, dtype: torch.dtype = torch.float32) -> Backbo
         except (OSError, ValueError) as err:
             if local is not None:
                 raise
-            raise _hub_error(pretrained, "pretrained", "/path/sd", err) from err
+            raise hub_error(pretrained, "pretrained", "/path/sd", err) from err
     parts["scheduler"] = ddpm_scheduler(dict(parts["scheduler"].config))
     for name in ("unet", "vae", "text_encoder"):
         parts[name].requires_grad_(False).eval()
@@ -294,7 +294,7 @@ def _resolve_taesd(name: str) -> Path | None:
     shipped = shipped_taesd(name)
     if shipped is not None:
         return shipped
-    path = _local_path(name)
+    path = local_path(name)
     if path is None:
         return None
     if not path.is_dir():
@@ -332,7 +332,7 @@ def load_taesd(name: str, vae: AutoencoderKL, dtype: torch.dtype = torch.float32
         except (OSError, ValueError) as err:
             if local is not None:
                 raise
-            raise _hub_error(name, "taesd_model", "/path/taesd", err) from err
+            raise hub_error(name, "taesd_model", "/path/taesd", err) from err
     got = (taesd.config.latent_channels, latent_scale_factor(taesd))
     want = (vae.config.latent_channels, latent_scale_factor(vae))
     if got != want:
@@ -347,6 +347,10 @@ def load_taesd(name: str, vae: AutoencoderKL, dtype: torch.dtype = torch.float32
 
 __all__ = [
     "Backbone",
+    "hub_error",
+    "local_path",
+    "random_text_encoder",
+    "tiny_tokenizer",
     "SD14_ARCH",
     "TINY_RANDOM",
     "load_backbone",

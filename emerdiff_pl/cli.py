@@ -28,17 +28,21 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "label images (WebDataset shards or a folder) into a pseudo-label shard set",
     ),
     "demo": ("emerdiff_pl.commands.demo", "label a few generated images end to end and show the result"),
+    "fit-probe": (
+        "emerdiff_pl.commands.fit_probe",
+        "fit the few-shot probe of model.classifier: probe on a few labelled images",
+    ),
     "relabel": (
         "emerdiff_pl.commands.relabel",
-        "map per-image masks to dataset-wide classes via their embeddings",
+        "map per-image masks to dataset-wide classes via their embeddings (not for named output)",
     ),
     "evaluate": (
         "emerdiff_pl.commands.evaluate",
-        "score pseudo-labels against ground-truth shards (Hungarian mIoU)",
+        "score pseudo-labels against ground-truth shards (Hungarian mIoU; named output: no matching)",
     ),
     "export": (
         "emerdiff_pl.commands.export",
-        "relabelled shards as images/ + labels/ PNG folders for a segmentation trainer",
+        "relabelled or named shards as images/ + labels/ PNG folders for a segmentation trainer",
     ),
     "show": (
         "emerdiff_pl.commands.show",

@@ -31,6 +31,8 @@ ResizeMode = Literal["keep_aspect", "short_side", "square"]  # emerdiff_pl.input
 GroupNormKernel = Literal["auto", "triton", "torch"]
 Refiner = Literal["none", "guided", "bilateral", "pamr"]  # emerdiff_pl.refine
 PAMR_DILATIONS: tuple[int, ...] = (1, 2, 4, 8, 12, 24)  # Araslanov & Roth's (and DiffCut's) dilations
+Classifier = Literal["none", "probe", "clip", "field"]
+DEFAULT_CLIP = "openai/clip-vit-base-patch16"
 
 
 def _at_least(low: float) -> dict[str, Any]:
@@ -107,6 +109,25 @@ class EmerDiffConfig:
         refine_dilations: `pamr`'s neighbour dilations (pixels at model resolution).
         refine_radius: `guided` / `bilateral` window radius, pixels at model resolution.
         refine_eps: `guided`'s ε, a colour variance in [0, 1] RGB units (`bilateral`: colour σ = √ε).
+        classifier: what names the masks (docs/method.md §14): `none` (per-image mask ids, today's output),
+            `probe` (a few-shot probe on the feature layer's queries, written by `emerdiff-pl fit-probe`), `clip`
+            (open vocabulary: a CLIP image encoder's dense scores for `class_names`) or `field` (a coarse map that
+            comes with each input: `<key>.coarse.png` / `.npy` in shards, `<stem>.coarse.png` / `.npy` beside a
+            folder image). Each EmerDiff mask takes the class of highest mean score inside it; with
+            `method: lowres_bilinear` the classifier's scores alone are upsampled bilinearly. Labels are then
+            class ids in [0, C), 255 = ignore.
+        class_names: the classes, id i = the i-th: a list, a text file (one class a line; `#` lines skipped) or
+            a known dataset (`toyworld`, `cocostuff27`, `cityscapes27`); a line may list synonyms
+            (`water, sea`: `clip` scores the best, the output names the first). Required by `clip` and `field`;
+            with `probe` optional (the probe file holds its names; given, they must match).
+        probe: the probe file of `classifier: probe` (fit-probe's output; it must come from this model,
+            feature layer, t_f and feature width).
+        clip_model: the CLIP of `classifier: clip`: a hub id (cached for offline use) or a local folder written
+            by `CLIPModel.save_pretrained` (with its tokenizer).
+        clip_resolution: short side of CLIP's input (the model input is resized to it, aspect kept; the
+            position embeddings are interpolated).
+        classifier_threshold: a pixel whose best class score (after naming and `refine`) is below it is labelled
+            255 (ignore); scores are probabilities for `probe`, `clip` and label-map `field`s. None: off.
     """
 
     pretrained: str = "CompVis/stable-diffusion-v1-4"
@@ -143,15 +164,45 @@ class EmerDiffConfig:
     refine_dilations: tuple[int, ...] = field(default=PAMR_DILATIONS, metadata=_at_least(1))
     refine_radius: int = field(default=8, metadata=_at_least(1))
     refine_eps: float = field(default=1e-2, metadata=_above(0))
+    classifier: Classifier = "none"
+    class_names: tuple[str, ...] | str | None = None
+    probe: str | None = None
+    clip_model: str = DEFAULT_CLIP
+    clip_resolution: int = field(default=448, metadata=_at_least(8))
+    classifier_threshold: float | None = None
 
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))
         for spec in fields(self):
             value = getattr(self, spec.name)
-            if isinstance(value, list) and get_origin(hints[spec.name]) is tuple:
+            if isinstance(value, list) and _takes_tuple(hints[spec.name]):
                 value = tuple(value)  # YAML and Python lists for a tuple setting
                 object.__setattr__(self, spec.name, value)
             _check(spec.name, value, hints[spec.name], spec.metadata)
+        self._check_classifier()
+
+    def _check_classifier(self) -> None:
+        """The classifier has what it needs: class names for `clip` / `field`, a probe file for `probe`, and the
+        names read (a missing file, an empty or repeated name is reported here, naming the setting)."""
+        if self.classifier in ("clip", "field") and self.class_names is None:
+            raise ValueError(
+                f"model.class_names is required with model.classifier: {self.classifier} (a list, or a text file "
+                "with one class a line)"
+            )
+        if self.classifier == "probe" and self.probe is None:
+            raise ValueError(
+                "model.probe is required with model.classifier: probe (the file emerdiff-pl fit-probe writes)"
+            )
+        if self.classifier != "none" and self.class_names is not None:
+            self.named_classes()
+
+    def named_classes(self) -> tuple[str, ...] | None:
+        """The class names read from `class_names` (None when it is unset)."""
+        if self.class_names is None:
+            return None
+        from emerdiff_pl.datasets import class_names
+
+        return tuple(class_names(self.class_names, flag="model.class_names"))
 
     @property
     def input_policy(self) -> InputPolicy:
@@ -190,7 +241,7 @@ class EmerDiffConfig:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
             return text
-        if isinstance(value, list) and get_origin(hint) is tuple:
+        if isinstance(value, list) and _takes_tuple(hint):
             value = tuple(value)
         return text if not _matches(value, hint) and _matches(text, hint) else value
 
@@ -206,6 +257,13 @@ class EmerDiffConfig:
 
 def _runtime_only(spec: Any) -> bool:
     return bool(spec.metadata.get("runtime_only"))
+
+
+def _takes_tuple(hint: Any) -> bool:
+    """Whether a setting of type ``hint`` takes a tuple (``tuple[...]``, or a union with one)."""
+    if get_origin(hint) in (Union, types.UnionType):
+        return any(_takes_tuple(option) for option in get_args(hint))
+    return get_origin(hint) is tuple
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -252,10 +310,12 @@ def _check(name: str, value: Any, hint: Any, limits: Any) -> None:
 
 
 __all__ = [
+    "DEFAULT_CLIP",
     "FEATURE_LAYER",
     "MODULATED_LAYER",
     "PAMR_DILATIONS",
     "RUNTIME_ONLY",
+    "Classifier",
     "EmerDiffConfig",
     "GroupNormKernel",
     "Refiner",

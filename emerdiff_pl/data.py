@@ -20,6 +20,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from emerdiff_pl.classifiers.field import (
+    CoarseMapError,
+    check_coarse_size,
+    coarse_file,
+    coarse_member,
+    coarse_scores,
+)
 from emerdiff_pl.codec import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, image_field
 from emerdiff_pl.fields import IMAGE_EXTENSIONS, is_image_file
 from emerdiff_pl.inputs import READ_ALL, InputPolicy, ReadPlan
@@ -74,6 +81,7 @@ class _Bucket:
         self.keys: list[str] = []
         self.source_keys: list[str] = []
         self.urls: list[str] = []
+        self.coarse: list[torch.Tensor] = []  # (C, h_i, w_i) class scores, with `classifier: field`
 
 
 class _Batcher:
@@ -83,10 +91,13 @@ class _Batcher:
     and ``short_side`` give several); a bucket is flushed when it holds ``batch_size`` samples, and every
     bucket at the end of the input (:meth:`flush_all`). Failures and skip counts ride on the next batch flushed."""
 
-    def __init__(self, batch_size: int, policy: InputPolicy, keep_originals: bool = False):
+    def __init__(
+        self, batch_size: int, policy: InputPolicy, keep_originals: bool = False, with_coarse: bool = False
+    ):
         self.batch_size = batch_size
         self.policy = policy
         self.keep_originals = keep_originals
+        self.with_coarse = with_coarse
         self.buckets: dict[tuple[int, int], _Bucket] = {}
         self._reset_counts()
 
@@ -96,7 +107,13 @@ class _Batcher:
         self.skipped_failed = 0
 
     def add(
-        self, key: str, url: str, rgb: np.ndarray, source_key: str, encoded: bytes | None = None
+        self,
+        key: str,
+        url: str,
+        rgb: np.ndarray,
+        source_key: str,
+        encoded: bytes | None = None,
+        coarse: torch.Tensor | None = None,
     ) -> dict[str, Any] | None:
         image = self.policy.resize_image(rgb)
         shape = (int(image.shape[1]), int(image.shape[2]))
@@ -108,6 +125,8 @@ class _Batcher:
         bucket.keys.append(key)
         bucket.source_keys.append(source_key)
         bucket.urls.append(url)
+        if coarse is not None:
+            bucket.coarse.append(coarse)
         return self.flush(shape) if len(bucket.keys) >= self.batch_size else None
 
     def fail(
@@ -137,6 +156,8 @@ class _Batcher:
             "skipped": self.skipped,
             "skipped_failed": self.skipped_failed,
         }
+        if self.with_coarse:
+            batch["coarse"] = bucket.coarse
         self._reset_counts()
         return batch
 
@@ -152,7 +173,7 @@ class _Batcher:
         return bool(self.buckets or self.failures or self.skipped or self.skipped_failed)
 
 
-_Reader = Callable[[], bytes]
+_CoarseReader = Callable[[], tuple[str, bytes]]
 
 
 class ImageStream(IterableDataset):
@@ -161,7 +182,11 @@ class ImageStream(IterableDataset):
     ``units`` are shard URLs (``kind="shards"``) or (key, path) pairs (``kind="folder"``), already cut to this
     array task. They are dealt to ranks, then to dataloader workers, so each unit is read exactly once. Images
     are resized by the model's ``policy``; ``plan`` (the writer's) says which keys to leave out and what to
-    carry. Yields ready batches (use ``DataLoader(batch_size=None)``); the batch also carries ``"skipped"``
+    carry. With ``coarse_classes`` (C, the model's ``classifier: field``) each sample's coarse map is read too
+    (``<key>.coarse.png`` / ``.npy`` in shards, ``<stem>.coarse.png`` / ``.npy`` beside a folder image), decoded to
+    C class scores and batched as ``coarse``; a sample without one, or with one that does not decode, fit C or
+    the image, is a failure naming its key. Yields ready batches (use ``DataLoader(batch_size=None)``); the batch
+    also carries ``"skipped"``
     (samples left out since the previous batch because their key is in ``plan.done_keys``) and
     ``"skipped_failed"`` (left out because an earlier run recorded them as failures: ``plan.failed_keys``). Tar
     keys are sanitised with :func:`~emerdiff_pl.paths.safe_key`; the original is passed on as ``"source_key"``.
@@ -177,6 +202,7 @@ class ImageStream(IterableDataset):
         plan: ReadPlan = READ_ALL,
         rank: int = 0,
         world_size: int = 1,
+        coarse_classes: int | None = None,
     ):
         super().__init__()
         if kind not in ("shards", "folder"):
@@ -189,6 +215,7 @@ class ImageStream(IterableDataset):
         self.plan = plan
         self.rank = rank
         self.world_size = world_size
+        self.coarse_classes = coarse_classes
 
     def my_units(self, worker: int = 0, num_workers: int = 1) -> list[Any]:
         return deal(deal(self.units, self.rank, self.world_size), worker, num_workers)
@@ -197,10 +224,10 @@ class ImageStream(IterableDataset):
         info = get_worker_info()
         units = self.my_units(info.id, info.num_workers) if info is not None else self.my_units()
         plan = self.plan
-        batcher = _Batcher(self.batch_size, self.policy, plan.keep_originals)
+        batcher = _Batcher(self.batch_size, self.policy, plan.keep_originals, self.coarse_classes is not None)
         for unit in units:
             samples = self._folder_samples(unit) if self.kind == "folder" else self._shard_samples(unit)
-            for key, source_key, url, read, reason, kind in samples:
+            for key, source_key, url, read, reason, kind, read_coarse in samples:
                 if reason is not None:
                     batcher.fail(key, url, reason, source_key, kind)
                     continue
@@ -213,22 +240,33 @@ class ImageStream(IterableDataset):
                 try:
                     encoded = read()
                     rgb = decode_image(encoded, self.max_pixels)
-                except ImageDecodeError as err:
+                    coarse = self._coarse(read_coarse, key, rgb.shape[:2])
+                except (ImageDecodeError, CoarseMapError) as err:
                     batcher.fail(key, url, str(err), source_key)
                     continue
-                batch = batcher.add(key, url, rgb, source_key, encoded if plan.keep_bytes else None)
+                batch = batcher.add(key, url, rgb, source_key, encoded if plan.keep_bytes else None, coarse)
                 if batch is not None:
                     yield batch
         yield from batcher.flush_all()
 
-    # Both yield (key, source key, url, read, reason, kind): `read()` returns the image bytes lazily (after the
-    # done-key check); `reason` is set (and `read` None) for a failure found while reading the container.
+    def _coarse(
+        self, read_coarse: _CoarseReader, key: str, image_size: tuple[int, int]
+    ) -> torch.Tensor | None:
+        """The sample's coarse class scores (C, h, w) when the model asks for them, else None."""
+        if self.coarse_classes is None:
+            return None
+        field, data = read_coarse()
+        return check_coarse_size(coarse_scores(data, field, self.coarse_classes, key), image_size, key)
+
+    # Both yield (key, source key, url, read, reason, kind, read_coarse): `read()` returns the image bytes lazily
+    # (after the done-key check), `read_coarse()` the (field, bytes) of its coarse map; `reason` is set (and
+    # `read` None) for a failure found while reading the container.
 
     def _folder_samples(self, unit: tuple[str, str]) -> Iterator[tuple]:
         key, path = unit
         if not is_image_file(path):
             reason = f"not an image file (supported extensions: {', '.join(IMAGE_EXTENSIONS)}): skipped"
-            yield key, key, path, None, reason, "sample"
+            yield key, key, path, None, reason, "sample", None
             return
 
         def read() -> bytes:
@@ -237,19 +275,29 @@ class ImageStream(IterableDataset):
             except OSError as err:
                 raise ImageDecodeError(f"cannot read file ({type(err).__name__}: {err})") from None
 
-        yield key, key, path, read, None, "sample"
+        def read_coarse() -> tuple[str, bytes]:
+            field, coarse_path = coarse_file(path)
+            try:
+                return field, coarse_path.read_bytes()
+            except OSError as err:
+                raise CoarseMapError(f"image {path!r}: cannot read {coarse_path.name} ({err})") from None
+
+        yield key, key, path, read, None, "sample", read_coarse
 
     def _shard_samples(self, url: str) -> Iterator[tuple]:
         for item in iter_tar(url):
             key = safe_key(item.key) if item.key is not None else None
             if item.fields is None:
-                yield key, item.key, url, None, item.reason, "shard" if item.fatal else "sample"
+                yield key, item.key, url, None, item.reason, "shard" if item.fatal else "sample", None
                 continue
 
             def read(fields: dict[str, bytes] = item.fields) -> bytes:
                 return image_field(fields)
 
-            yield key, item.key, url, read, None, "sample"
+            def read_coarse(fields: dict[str, bytes] = item.fields, key: str = str(key)) -> tuple[str, bytes]:
+                return coarse_member(fields, key)
+
+            yield key, item.key, url, read, None, "sample", read_coarse
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -262,15 +310,17 @@ class EmerDiffDataModule(pl.LightningDataModule):
     tasks, DDP ranks and dataloader workers so that each image is processed exactly once.
 
     The size images are resized to is the model's (``input_policy`` of the LightningModule, e.g.
-    ``EmerDiffSegmenter``'s ``model.resolution`` / ``resize`` / ``resize_multiple``), and which inputs to leave out
-    and what to carry is the writer's (``PseudoLabelWriter.read_plan``): :meth:`predict_dataloader` asks both from
-    the Trainer it runs under. Without a Trainer, :meth:`dataloader` takes them as arguments.
+    ``EmerDiffSegmenter``'s ``model.resolution`` / ``resize`` / ``resize_multiple``), as is whether each input's
+    coarse map is read (the model's ``coarse_classes``: C with ``model.classifier: field``); which inputs to leave
+    out and what to carry is the writer's (``PseudoLabelWriter.read_plan``): :meth:`predict_dataloader` asks
+    both from the Trainer it runs under. Without a Trainer, :meth:`dataloader` takes them as arguments.
 
     Args:
         urls: WebDataset shards: a brace pattern (``data/train-{000000..000099}.tar``), several patterns joined
             by ``::``, a list, a glob, a directory of ``*.tar``, or remote URLs (``pipe:``, ``https://``).
         folder: A directory of images (recursive; jpg, jpeg, png, webp, bmp, tif, tiff; other files are recorded
-            as failures). Keys come from each file's relative path alone, extension included (``sub/a.jpg`` →
+            as failures; label and coarse maps beside an image, ``a.gt.png``, ``a.coarse.png``, ``a.coarse.npy``,
+            are not inputs). Keys come from each file's relative path alone, extension included (``sub/a.jpg`` →
             ``sub/a_jpg``; see ``paths.file_key``). Give urls or folder.
         batch_size: Images per ``predict_step`` call (images of one model input shape; ``keep_aspect`` and
             ``short_side`` inputs wait in one bucket per shape).
@@ -353,16 +403,30 @@ class EmerDiffDataModule(pl.LightningDataModule):
             )
         writer = PseudoLabelWriter.of(trainer)
         plan = writer.read_plan() if writer is not None else READ_ALL
-        return self.dataloader(policy, plan, trainer.global_rank, trainer.world_size)
+        coarse_classes = getattr(model, "coarse_classes", None)
+        return self.dataloader(policy, plan, trainer.global_rank, trainer.world_size, coarse_classes)
 
     def dataloader(
-        self, policy: InputPolicy, plan: ReadPlan = READ_ALL, rank: int = 0, world_size: int = 1
+        self,
+        policy: InputPolicy,
+        plan: ReadPlan = READ_ALL,
+        rank: int = 0,
+        world_size: int = 1,
+        coarse_classes: int | None = None,
     ) -> DataLoader:
         """The loader of rank ``rank`` of ``world_size``: images resized by ``policy``, inputs left out and
-        carried as ``plan`` says."""
+        carried as ``plan`` says; with ``coarse_classes`` (C) each input's coarse map is batched as ``coarse``."""
         units = self.task_units()
         dataset = ImageStream(
-            units, self.kind, policy, self.batch_size, self.max_pixels, plan, rank=rank, world_size=world_size
+            units,
+            self.kind,
+            policy,
+            self.batch_size,
+            self.max_pixels,
+            plan,
+            rank=rank,
+            world_size=world_size,
+            coarse_classes=coarse_classes,
         )
         mine = len(deal(units, rank, world_size))
         workers = min(self.num_workers, mine)

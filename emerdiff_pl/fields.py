@@ -15,13 +15,22 @@ LOWRES_FIELD = "lowres.png"  # the low-res mask ids at the feature grid
 EMB_FIELD = "emb.npy"  # K×D mask embeddings, float16
 JSON_FIELD = "json"  # size, model, hyperparameters, seed, versions, timings (and the relabel record)
 OVERLAY_FIELD = "overlay.jpg"  # the image with its labels drawn over it (optional)
-# ground-truth shards for evaluation
+# ground-truth shards for evaluation (and the labelled images of fit-probe)
 GT_FIELD = "gt.png"  # uint8 class ids, 255 = ignore
+# the ignore id of class-id label maps: ground truth's unlabelled pixels, named output's unsure pixels
+IGNORE_CLASS = 255
+# input shards for `classifier: field`: an external segmenter's coarse map of the sample, one of
+COARSE_FIELDS = (
+    "coarse.png",
+    "coarse.npy",
+)  # uint8 class ids (255 = ignore) / (C, h, w) scores or (h, w) ids
 
 # The one list of image extensions: folder files and tar fields read as images (last extension, lower case).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 # Heads of compound fields that hold label maps (read raw, never converted): ``gt.png``, ``seg.png``, ...
-LABEL_FIELDS = frozenset({"gt", "seg", "lowres", "label", "labels", "mask", "masks", "depth", "cls"})
+LABEL_FIELDS = frozenset(
+    {"gt", "seg", "lowres", "label", "labels", "mask", "masks", "depth", "cls", "coarse"}
+)
 
 
 def _field_parts(field: str) -> tuple[str, str]:
@@ -46,6 +55,16 @@ def is_image_field(field: str) -> bool:
     return _field_parts(field)[1] in IMAGE_EXTENSIONS and not is_label_field(field)
 
 
+def is_companion_file(name: str) -> bool:
+    """A file that belongs to the image beside it, never an input of its own: ``<stem>.<label field>``
+    (``a.gt.png``, ``a.coarse.png``) or ``<stem>.coarse.npy``."""
+    parts = name.split(".")
+    if len(parts) < 3 or not parts[0]:
+        return False
+    field = ".".join(parts[-2:])
+    return is_label_field(field) or field.lower() in COARSE_FIELDS
+
+
 def image_field_name(fields: Iterable[str]) -> str | None:
     """The field of a sample's input image: one named just ``jpg``, ``png``, ... first; else a compound one
     (``input.png``) that is neither a label map nor an overlay; None when the sample has none."""
@@ -57,8 +76,10 @@ def image_field_name(fields: Iterable[str]) -> str | None:
 
 
 __all__ = [
+    "COARSE_FIELDS",
     "EMB_FIELD",
     "GT_FIELD",
+    "IGNORE_CLASS",
     "IMAGE_EXTENSIONS",
     "JSON_FIELD",
     "LABEL_FIELDS",
@@ -66,6 +87,7 @@ __all__ = [
     "OVERLAY_FIELD",
     "SEG_FIELD",
     "image_field_name",
+    "is_companion_file",
     "is_image_field",
     "is_image_file",
     "is_label_field",

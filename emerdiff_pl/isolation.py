@@ -14,7 +14,7 @@ import torch
 
 # the per-sample entries of a DataModule batch and of a predict_step output (docs/interfaces.md); the other
 # entries are about the batch as a whole
-SAMPLE_FIELDS = ("image", "original", "original_bytes", "original_size", "key", "url", "source_key")
+SAMPLE_FIELDS = ("image", "original", "original_bytes", "original_size", "key", "url", "source_key", "coarse")
 SAMPLE_OUTPUTS = ("key", "url", "original", "original_size", "labels", "lowres_labels", "mask_embeddings")
 
 Step = Callable[[dict[str, Any], int], dict[str, Any]]  # (batch, batch_idx) -> output

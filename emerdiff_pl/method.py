@@ -5,6 +5,7 @@
     plan = branch_plan(lowres, grid, config)                                 # §4 a row per (image, mask, sign)
     maps = difference_maps(model, trajectory, lowres, config)               # §4–§6 modulated denoising, ‖I⁻ − I⁺‖
     labels = assign(smooth(maps, config.gaussian_sigma), size)              # §6 smoothing, argmax, nearest resize
+    labels = classify_masks(class_scores, masks, num_masks)                 # §14 named classes (the last section)
 
 `difference_maps_naive` is the slow reference of the vectorized path: one mask and sign at a time, masks built
 from `lowres == i` by itself, explicit attention probabilities. The frozen model reaches these functions as a
@@ -25,6 +26,7 @@ from torchvision.transforms.v2.functional import gaussian_blur
 
 from emerdiff_pl.attention import AttentionController, Backend, RecordKind
 from emerdiff_pl.config import EmerDiffConfig
+from emerdiff_pl.fields import IGNORE_CLASS
 from emerdiff_pl.inversion import NoiseSchedule, Trajectory, invert, sample_trajectory_latents
 from emerdiff_pl.kmeans import batched_kmeans, canonical_order, relabel
 from emerdiff_pl.prefix import PrefixSharing
@@ -319,9 +321,8 @@ __all__ = [
 # A class-aware but coarse predictor gives per-pixel class scores (B, C, h', w'); each EmerDiff mask takes the
 # class with the highest mean score inside it. For scores linear in a pixel embedding (cosine with normalized
 # CLIP embeddings, a linear probe's logits) the mean score is the score of the mean embedding: the paper's
-# "embeddings averaged inside the mask". Appended as one section; nothing above depends on it.
+# "embeddings averaged inside the mask" (docs/method.md §14). One section; nothing above depends on it.
 # ==============================================================================================================
-IGNORE_CLASS = 255
 
 
 def bilinear_class_scores(class_scores: Tensor, size: tuple[int, int]) -> Tensor:
@@ -345,13 +346,23 @@ def mask_mean_scores(class_scores: Tensor, masks: Tensor, num_masks: int) -> Ten
 
 
 def classes_of_masks(mean_scores: Tensor, threshold: float | None = None) -> Tensor:
-    """Each mask's class (B, K) int64: the argmax of its mean scores (B, K, C) (first on ties); masks whose best
-    mean score is below `threshold` (None: no threshold) get IGNORE_CLASS."""
+    """Each mask's class (B, K) int64: the argmax of its mean scores (B, K, C) (first on ties). IGNORE_CLASS for
+    a mask whose best mean score is below `threshold` (None: no threshold), and for one without evidence (every
+    mean score 0: an empty mask, or one that covers only a coarse label map's ignored pixels)."""
     classes = mean_scores.argmax(-1)
+    best = mean_scores.gather(-1, classes.unsqueeze(-1)).squeeze(-1)
+    unsure = (mean_scores == 0).all(-1)
     if threshold is not None:
-        best = mean_scores.gather(-1, classes.unsqueeze(-1)).squeeze(-1)
-        classes = classes.masked_fill(best < threshold, IGNORE_CLASS)
-    return classes
+        unsure |= best < threshold
+    return classes.masked_fill(unsure, IGNORE_CLASS)
+
+
+def mask_class_maps(mean_scores: Tensor, masks: Tensor) -> Tensor:
+    """Class score maps of named masks: each pixel of `masks` (B, H, W) in [0, K) holds its mask's mean class
+    scores (B, K, C) → (B, C, H, W), what `refine` smooths after naming (its argmax names the masks)."""
+    batch, _, num_classes = mean_scores.shape
+    index = masks.flatten(1).to(mean_scores.device).unsqueeze(-1).expand(-1, -1, num_classes)  # (B, HW, C)
+    return mean_scores.gather(1, index).transpose(1, 2).reshape(batch, num_classes, *masks.shape[-2:])
 
 
 def name_masks(labels: Tensor, classes: Tensor) -> Tensor:
@@ -369,12 +380,15 @@ def classify_masks(
 
 
 def assign_classes(scores: Tensor, output_size: tuple[int, int], threshold: float | None = None) -> Tensor:
-    """`assign` for class score maps (B, C, h, w): argmax over C (pixels whose best score is below `threshold`
-    → IGNORE_CLASS), resized nearest to `output_size`. With `bilinear_class_scores`: the classifier alone."""
+    """`assign` for class score maps (B, C, h, w): argmax over C, resized nearest to `output_size`; pixels whose
+    best score is below `threshold`, or without evidence (every score 0), → IGNORE_CLASS. With
+    `bilinear_class_scores`: the classifier alone; with `mask_class_maps`: named masks."""
     labels = scores.argmax(1)
+    best = scores.gather(1, labels.unsqueeze(1)).squeeze(1)
+    unsure = (scores == 0).all(1)
     if threshold is not None:
-        best = scores.gather(1, labels.unsqueeze(1)).squeeze(1)
-        labels = labels.masked_fill(best < threshold, IGNORE_CLASS)
+        unsure |= best < threshold
+    labels = labels.masked_fill(unsure, IGNORE_CLASS)
     resized = F.interpolate(labels[:, None].float(), size=tuple(output_size), mode="nearest-exact")
     return resized.squeeze(1).long()
 
@@ -385,6 +399,7 @@ __all__ += [
     "bilinear_class_scores",
     "classes_of_masks",
     "classify_masks",
+    "mask_class_maps",
     "mask_mean_scores",
     "name_masks",
 ]

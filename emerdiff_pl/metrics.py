@@ -29,6 +29,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torchmetrics import Metric
 
+from emerdiff_pl.fields import IGNORE_CLASS
 from emerdiff_pl.labelmaps import boundaries, resize_labels_nearest
 
 # --------------------------------------------------------------------------------------------------------------
@@ -64,9 +65,15 @@ def global_hungarian_scores(confusion: np.ndarray) -> dict[str, Any]:
     clusters than classes) predicts no class: its pixels count as false negatives of their true classes and
     as errors in pixel accuracy, never dropped. A class left unmatched (fewer clusters) gets IoU 0 if present.
     """
+    return assigned_scores(confusion, hungarian_match(np.asarray(confusion, dtype=np.int64)))
+
+
+def assigned_scores(confusion: np.ndarray, assignment: np.ndarray) -> dict[str, Any]:
+    """Scores of a (num_clusters × num_classes) pixel confusion matrix under a given cluster → class
+    ``assignment`` (−1: unmatched; its pixels are false negatives of their true classes)."""
     confusion = np.asarray(confusion, dtype=np.int64)
     num_clusters, num_classes = confusion.shape
-    assignment = hungarian_match(confusion)
+    assignment = np.asarray(assignment, dtype=np.int64)
     rows = np.flatnonzero(assignment >= 0)
     cols = assignment[rows]
     tp = np.zeros(num_classes, dtype=np.int64)
@@ -204,8 +211,12 @@ class GlobalHungarianIoU(Metric):
         counts = torch.bincount(p * self.num_classes + t, minlength=self.num_clusters * self.num_classes)
         self.confusion += counts.view(self.num_clusters, self.num_classes)
 
+    def scores(self, confusion: np.ndarray) -> dict[str, Any]:
+        """The scores of an accumulated confusion (the dataset-wide Hungarian assignment)."""
+        return global_hungarian_scores(confusion)
+
     def compute(self) -> dict[str, Tensor]:
-        scores = global_hungarian_scores(self.confusion.cpu().numpy())
+        scores = self.scores(self.confusion.cpu().numpy())
         return {
             "miou": torch.tensor(scores["miou"], dtype=torch.float64),
             "pixel_accuracy": torch.tensor(scores["pixel_accuracy"], dtype=torch.float64),
@@ -213,6 +224,40 @@ class GlobalHungarianIoU(Metric):
             "assignment": torch.from_numpy(scores["assignment"]),
             "confusion": self.confusion.clone(),
         }
+
+
+def named_assignment(num_classes: int) -> np.ndarray:
+    """The assignment of named output: class id c is class c; the extra row (predicted 255, ignore) no class."""
+    return np.array([*range(num_classes), -1], dtype=np.int64)
+
+
+def named_ids(pred: Tensor, num_classes: int) -> Tensor:
+    """Named predictions → rows of :func:`named_assignment`: class ids as they are, 255 (ignore) → C; a ValueError
+    for any other id ≥ C."""
+    pred = pred.long()
+    bad = (pred >= num_classes) & (pred != IGNORE_CLASS)
+    if bad.any():
+        raise ValueError(
+            f"predicted class id {int(pred[bad].max())} ≥ the {num_classes} classes of the output "
+            f"({IGNORE_CLASS} = ignore)"
+        )
+    return torch.where(pred == IGNORE_CLASS, num_classes, pred)
+
+
+class NamedIoU(GlobalHungarianIoU):
+    """Supervised mIoU of named output (``model.classifier``): predicted class ids against the ground truth, no
+    matching. A predicted 255 (ignore: a classifier threshold) predicts no class, so its pixels are false
+    negatives of their true classes; ground-truth ``ignore_index`` pixels are left out. ``compute()`` returns
+    what :class:`GlobalHungarianIoU`'s does, with the fixed :func:`named_assignment` (``confusion``: (C + 1) × C)."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, **kwargs):
+        super().__init__(num_classes, num_classes + 1, ignore_index=ignore_index, **kwargs)
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        super().update(named_ids(pred, self.num_classes), target)
+
+    def scores(self, confusion: np.ndarray) -> dict[str, Any]:
+        return assigned_scores(confusion, named_assignment(self.num_classes))
 
 
 class PerImageHungarianIoU(Metric):

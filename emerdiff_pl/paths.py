@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from emerdiff_pl.fields import is_image_file
+from emerdiff_pl.fields import is_companion_file, is_image_file
 
 _REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+:")  # pipe:, http:, s3:, ... (WebDataset gopen schemes)
 _META = re.compile(r"(^|/)__[^/]*__($|/)")  # WebDataset metadata members such as __index__
@@ -73,7 +73,8 @@ def file_key(relative_path: str) -> str:
 
 
 def list_folder(folder: str | os.PathLike, all_files: bool = False) -> list[tuple[str, str]]:
-    """Sorted (key, path) pairs for the images under ``folder`` (recursive, hidden files and folders ignored).
+    """Sorted (key, path) pairs for the images under ``folder`` (recursive, hidden files and folders ignored, and
+    the label and coarse maps beside images: ``a.gt.png``, ``a.coarse.png``, ``a.coarse.npy``).
 
     Keys are :func:`file_key` of the relative path: they depend on the file's own path
     alone (``a.jpg`` → ``a_jpg``, ``a.png`` → ``a_png``), so adding files never renames another one.
@@ -92,7 +93,7 @@ def list_folder(folder: str | os.PathLike, all_files: bool = False) -> list[tupl
         visited.add((info.st_dev, info.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # same walk order in every process
         for name in filenames:
-            if name.startswith(".") or not (all_files or is_image_file(name)):
+            if name.startswith(".") or not (all_files or is_image_file(name)) or is_companion_file(name):
                 continue
             relpaths.append(Path(dirpath, name).relative_to(root).as_posix())
     relpaths.sort()

@@ -8,7 +8,7 @@ runs the method's steps (emerdiff_pl.method, docs/method.md) in order with its s
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderTiny
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torch import Tensor
+from torch import Tensor, nn
 
 from emerdiff_pl import attention as attn
 from emerdiff_pl import method, runtime
@@ -30,22 +30,50 @@ from emerdiff_pl.isolation import SampleErrorIsolation
 from emerdiff_pl.prefix import PrefixSharing
 from emerdiff_pl.refine import refine
 
-# the settings `segment` reads at every call; every other one is read when the components load
+# the settings `segment` reads at every call; every other one is read when the components load (the classifier's
+# are read again when they change: the classifier is rebuilt)
 PER_CALL_SETTINGS = frozenset(
     {
         "num_masks", "modulation_strength", "attention_injection", "difference", "gaussian_sigma",
         "kmeans_n_init", "kmeans_max_iter", "seed", "max_branch_batch", "batched_reference", "refine",
-        "refine_iterations", "refine_dilations", "refine_radius", "refine_eps",
+        "refine_iterations", "refine_dilations", "refine_radius", "refine_eps", "classifier", "class_names",
+        "probe", "clip_model", "clip_resolution", "classifier_threshold",
     }
 )  # fmt: skip
+CLASSIFIER_SETTINGS = ("classifier", "class_names", "probe", "clip_model", "clip_resolution")
 
 
 @dataclass
 class SegmentationResult:
-    labels: Tensor  # (B, H, W) int64 in [0, K), at the input (or requested) size
+    labels: (
+        Tensor  # (B, H, W) int64 at the input (or requested) size: mask ids in [0, K), or with a classifier
+    )
+    # class ids in [0, C) and 255 (ignore)
     lowres_labels: Tensor  # (B, h, w) int64, the k-means clusters of the feature layer
     mask_embeddings: Tensor  # (B, K, D) float32, mean feature vector of each low-res mask
     timings: dict[str, float] = field(default_factory=dict)
+    class_scores: Tensor | None = None  # (B, C, h_c, w_c) float32: the classifier's scores at its own grid
+    mask_classes: Tensor | None = None  # (B, K) int64: each mask's class (255: ignore); emerdiff + classifier
+    class_names: tuple[str, ...] | None = None  # the classifier's classes, id i = the i-th
+
+
+@dataclass
+class ScoreMaps:
+    """`segment`'s first half (:meth:`EmerDiffSegmenter.score_maps`): the score maps before the refiner and what
+    they came from; :meth:`EmerDiffSegmenter.label_maps` turns them into labels (refine, name, assign)."""
+
+    images: Tensor  # (B, 3, H, W) in [0, 1], as given to segment: the refiners' guide, CLIP's input
+    scores: Tensor  # (B, K, h, w) float at the model input size: smoothed difference maps (emerdiff) or the
+    # bilinear one-hot low-res masks (lowres_bilinear)
+    lowres: Tensor  # (B, h', w') int64: the k-means clusters at the feature grid
+    embeddings: Tensor  # (B, K, D) float32: each low-res mask's mean query vector
+    features: Tensor  # (B, N, D): the feature layer's query vectors at t_f (what the probe reads)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def classifier_record(classifier: nn.Module) -> dict[str, Any]:
+    """What `<key>.json` says about a classifier: its own `record()` and its class names (id i = the i-th)."""
+    return {**classifier.record(), "class_names": list(classifier.class_names)}
 
 
 def labels_at_size(labels: Tensor, size: Sequence[int]) -> Tensor:
@@ -74,6 +102,8 @@ class EmerDiffSegmenter(L.LightningModule):
         self._channels_last_device: torch.device | None = None
         self.controller = attn.AttentionController(self.config.feature_layer, self.config.modulated_layer)
         self.prefix: PrefixSharing | None = None
+        self.classifier: nn.Module | None = None
+        self._classifier_settings: tuple | None = None  # the CLASSIFIER_SETTINGS it was built with
         self.isolation = SampleErrorIsolation(self.label_batch)
         self._branch_rows: tuple[int, int] | None = None  # (done, total) of the running batch's branches
 
@@ -152,7 +182,29 @@ class EmerDiffSegmenter(L.LightningModule):
                 f"schedule; valid: {self.schedule_timesteps}"
             )
         self.backbone = backbone
+        self._build_classifier()
         self.to(self._target_device())
+
+    def _build_classifier(self) -> None:
+        """(Re)build the classifier when its settings changed since it was built (emerdiff_pl.classifiers)."""
+        config = self.config
+        settings = tuple(getattr(config, name) for name in CLASSIFIER_SETTINGS)
+        if settings == self._classifier_settings:
+            return
+        from emerdiff_pl.classifiers import build_classifier
+
+        feature_dim = self.unet.get_submodule(config.feature_layer).to_q.out_features
+        classifier = build_classifier(config, feature_dim, self.compute_dtype())
+        self.classifier = classifier.to(self.device) if classifier is not None else None
+        self._classifier_settings = settings
+
+    @property
+    def coarse_classes(self) -> int | None:
+        """C, the classes a coarse map must score, with `classifier: field` (the DataModule then reads each input's
+        coarse map and batches it as `coarse`); None otherwise."""
+        if self.config.classifier != "field":
+            return None
+        return len(self.config.named_classes() or ())
 
     def _check_resize_multiple(self, backbone: Backbone) -> None:
         """Aspect-keeping sides must divide by VAE factor × U-Net downsampling, or a grid would not be whole."""
@@ -172,6 +224,7 @@ class EmerDiffSegmenter(L.LightningModule):
 
     def _ensure_ready(self) -> None:
         self.configure_model()
+        self._build_classifier()
         if self.backbone.unet.device != self.device:
             self.to(self.device)
         if self.backend is None or self._backend_device != self.device:
@@ -197,7 +250,10 @@ class EmerDiffSegmenter(L.LightningModule):
         from emerdiff_pl import __version__
 
         self._ensure_ready()
+        classifier = self.classifier
+        named = {} if classifier is None else {"classifier": classifier_record(classifier)}
         return {
+            **named,
             "model": self.config.pretrained,
             "dtype": str(self.compute_dtype()).removeprefix("torch."),
             "attention_backend": self.backend,
@@ -321,39 +377,48 @@ class EmerDiffSegmenter(L.LightningModule):
         output_size: tuple[int, int] | None = None,
         naive: bool = False,
         original_sizes: Tensor | Sequence[Sequence[int]] | None = None,
+        coarse: Sequence[Tensor] | None = None,
     ) -> SegmentationResult:
         """Segment a batch: images (B, 3, H, W) float in [0, 1] → labels (B, H, W) (or `output_size`).
 
         `seeds` (default: `seed` for every image) decide noise and k-means per image. `naive=True` runs the
         slow per-mask reference path instead of the vectorized one; both give the same labels. Images are
         resized by the input policy; `original_sizes` (B × (H, W)) says they already were, from those sizes
-        (DataModule batches): checked, not trusted."""
+        (DataModule batches): checked, not trusted. With `classifier: field`, `coarse` holds each image's class
+        scores (C, h_i, w_i) (emerdiff_pl.classifiers.field.coarse_scores). The two halves are
+        :meth:`score_maps` and :meth:`label_maps`."""
+        maps = self.score_maps(images, seeds=seeds, naive=naive, original_sizes=original_sizes)
+        return self.label_maps(maps, output_size or tuple(images.shape[-2:]), coarse=coarse)
+
+    @torch.no_grad()
+    def score_maps(
+        self,
+        images: Tensor,
+        *,
+        seeds: list[int] | None = None,
+        naive: bool = False,
+        original_sizes: Tensor | Sequence[Sequence[int]] | None = None,
+    ) -> ScoreMaps:
+        """`segment` up to the score maps, before any refiner (docs/method.md §2–§6): the reference pass, the
+        k-means masks and, with `emerdiff`, the smoothed difference maps; arguments as `segment`'s."""
         self._ensure_ready()
         config = self.config
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
         if original_sizes is not None:
             self.check_resized(images, original_sizes)
-        out_h, out_w = output_size or images.shape[-2:]
         batch = images.shape[0]
         seeds = [config.seed] * batch if seeds is None else list(seeds)
         if batch == 0:
             empty = torch.empty(0, dtype=torch.long)
-            return SegmentationResult(
-                empty.view(0, out_h, out_w), empty.view(0, 0, 0), torch.empty(0, config.num_masks, 0)
+            size = self.input_policy.model_input_size(*images.shape[-2:])
+            nothing = torch.empty(0, config.num_masks, 0)
+            return ScoreMaps(
+                images, torch.empty(0, config.num_masks, *size), empty.view(0, 0, 0), nothing, nothing
             )
         timings: dict[str, float] = {}
-        clock = time.perf_counter()
+        lap = self._stopwatch(timings)
         self._branch_rows = (0, 1)  # the reference pass: no branch row yet
-
-        def lap(name: str) -> None:
-            nonlocal clock
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            now = time.perf_counter()
-            timings[name] = now - clock
-            clock = now
-
         record = "qk" if config.method == "emerdiff" and config.attention_injection and not naive else "none"
         model = self.frozen_model()
         # the naive path is the reference, compiled U-Net or not
@@ -369,21 +434,118 @@ class EmerDiffSegmenter(L.LightningModule):
                 branches = method.difference_maps_naive if naive else method.difference_maps
                 scores = method.smooth(branches(model, trajectory, lowres, config), config.gaussian_sigma)
                 lap("branches_s")
-        if config.refine != "none":
-            scores = refine(
-                scores,
-                images,
-                config.refine,
-                iterations=config.refine_iterations,
-                dilations=config.refine_dilations,
-                radius=config.refine_radius,
-                eps=config.refine_eps,
-            )
-            lap("refine_s")
-        labels = method.assign(scores, (out_h, out_w))
-        lap("assign_s")
         self._branch_rows = None
-        return SegmentationResult(labels.cpu(), lowres.cpu(), embeddings.float().cpu(), timings)
+        return ScoreMaps(images, scores, lowres, embeddings.float(), features, timings)
+
+    @torch.no_grad()
+    def label_maps(
+        self, maps: ScoreMaps, output_size: tuple[int, int], coarse: Sequence[Tensor] | None = None
+    ) -> SegmentationResult:
+        """`segment` from the score maps on: `refine`, then without a classifier the argmax (mask ids); with one,
+        its class scores name the masks (docs/method.md §14): `emerdiff` masks (after `refine` of the difference
+        maps) each take their highest mean class score, the named class maps are refined again and their argmax
+        taken; `lowres_bilinear` refines and takes the argmax of the classifier's scores alone, upsampled
+        bilinearly. Labels are resized nearest to `output_size`."""
+        self._ensure_ready()
+        config, classifier = self.config, self.classifier
+        timings = dict(maps.timings)
+        lap = self._stopwatch(timings)
+        out_h, out_w = (int(v) for v in output_size)
+        lowres, embeddings = maps.lowres.cpu(), maps.embeddings.float().cpu()
+        if len(maps.images) == 0:
+            names = None if classifier is None else tuple(classifier.class_names)
+            labels = torch.empty(0, out_h, out_w, dtype=torch.long)
+            return SegmentationResult(labels, lowres, embeddings, timings, class_names=names)
+        if classifier is None:
+            labels = method.assign(self._refine(maps.scores, maps.images, lap), (out_h, out_w))
+            lap("assign_s")
+            return SegmentationResult(labels.cpu(), lowres, embeddings, timings)
+        threshold = config.classifier_threshold
+        class_scores = self.class_scores(maps, coarse)
+        lap("classify_s")
+        mask_classes = None
+        size = tuple(maps.scores.shape[-2:])
+        if config.method == "lowres_bilinear":
+            class_maps = self._refine(method.bilinear_class_scores(class_scores, size), maps.images, lap)
+            labels = method.assign_classes(class_maps, (out_h, out_w), threshold)
+        else:
+            scores = self._refine(maps.scores, maps.images, lap)
+            masks = scores.argmax(1)  # (B, h, w): the masks at the model input size
+            mean = self.mask_scores(maps, class_scores, masks)
+            mask_classes = method.classes_of_masks(mean, threshold)
+            if config.refine == "none":
+                labels = method.name_masks(method.assign(scores, (out_h, out_w)), mask_classes)
+            else:
+                class_maps = self._refine(method.mask_class_maps(mean, masks), maps.images, lap)
+                labels = method.assign_classes(class_maps, (out_h, out_w), threshold)
+        lap("assign_s")
+        return SegmentationResult(
+            labels.cpu(),
+            lowres,
+            embeddings,
+            timings,
+            class_scores=class_scores.float().cpu(),
+            mask_classes=None if mask_classes is None else mask_classes.cpu(),
+            class_names=tuple(classifier.class_names),
+        )
+
+    def class_scores(self, maps: ScoreMaps, coarse: Sequence[Tensor] | None = None) -> Tensor:
+        """The classifier's class scores (B, C, h_c, w_c) for the images of `maps`: the probe's from the feature
+        layer's queries (no second pass), CLIP's from the images, the field's from `coarse` (one (C, h_i, w_i)
+        map per image, resized to the model input size)."""
+        classifier, kind = self.classifier, self.config.classifier
+        if classifier is None:
+            raise ValueError("model.classifier is none: no class scores")
+        if kind == "probe":
+            return classifier.scores(maps.features, tuple(maps.lowres.shape[-2:]))
+        if kind == "clip":
+            return classifier.scores(maps.images)
+        if coarse is None or len(coarse) != len(maps.images):
+            got = "none" if coarse is None else len(coarse)
+            raise ValueError(
+                f"classifier: field needs one coarse map per image ({len(maps.images)}), got {got}: pass "
+                "segment(coarse=...) or read inputs with EmerDiffDataModule (it reads <key>.coarse.png / .npy)"
+            )
+        return classifier.scores(coarse, tuple(maps.scores.shape[-2:])).to(maps.scores.device)
+
+    def mask_scores(self, maps: ScoreMaps, class_scores: Tensor, masks: Tensor) -> Tensor:
+        """Each mask's class scores (B, K, C), what names it: the probe applied to the mask's embedding (its mean
+        query vector, `maps.embeddings`); for the other classifiers the mean of `class_scores` over the mask's
+        pixels (`masks` (B, h, w) in [0, K))."""
+        if self.config.classifier == "probe":
+            return self.classifier.mask_scores(maps.embeddings.to(class_scores.device))
+        return method.mask_mean_scores(class_scores, masks, self.config.num_masks)
+
+    def _refine(self, scores: Tensor, images: Tensor, lap: Callable[[str], None]) -> Tensor:
+        """The configured refiner on score maps (B, K or C, h, w), guided by the images (none: unchanged)."""
+        config = self.config
+        if config.refine == "none":
+            return scores
+        refined = refine(
+            scores,
+            images,
+            config.refine,
+            iterations=config.refine_iterations,
+            dilations=config.refine_dilations,
+            radius=config.refine_radius,
+            eps=config.refine_eps,
+        )
+        lap("refine_s")
+        return refined
+
+    def _stopwatch(self, timings: dict[str, float]) -> Callable[[str], None]:
+        """`lap(name)`: add the seconds since the previous lap (or now) to `timings[name]` (CUDA synchronized)."""
+        clock = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            now = time.perf_counter()
+            timings[name] = timings.get(name, 0.0) + now - clock
+            clock = now
+
+        return lap
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, Any]:
         """One DataModule batch → the writer's output (docs/interfaces.md): `label_batch`, where a batch that
@@ -394,7 +556,7 @@ class EmerDiffSegmenter(L.LightningModule):
         """One DataModule batch → per-sample labels at their original size (docs/interfaces.md), no isolation."""
         start = time.perf_counter()
         images, sizes = batch["image"], batch["original_size"]
-        result = self.segment(images, original_sizes=sizes)
+        result = self.segment(images, original_sizes=sizes, coarse=batch.get("coarse"))
         return {
             "key": list(batch["key"]),
             "url": list(batch["url"]),
@@ -412,4 +574,4 @@ class EmerDiffSegmenter(L.LightningModule):
         }
 
 
-__all__ = ["EmerDiffSegmenter", "SegmentationResult", "labels_at_size"]
+__all__ = ["EmerDiffSegmenter", "ScoreMaps", "SegmentationResult", "classifier_record", "labels_at_size"]

@@ -222,8 +222,9 @@ def check_accelerator(accelerator: Any, devices: Any = "auto") -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _hub_config(repo_id: str, subfolder: str) -> dict[str, Any]:
-    """``<subfolder>/config.json`` of a hub model (from the cache when offline); a UserError saying how to get it."""
+def _hub_config(repo_id: str, subfolder: str, option: str = "pretrained") -> dict[str, Any]:
+    """``<subfolder>/config.json`` (the root one without a subfolder) of a hub model (from the cache when offline);
+    a UserError naming ``--model.<option>`` and saying how to get it."""
     import json
 
     from huggingface_hub import hf_hub_download
@@ -240,18 +241,20 @@ def _hub_config(repo_id: str, subfolder: str) -> dict[str, Any]:
             if offline
             else "the hub cannot be reached"
         )
+        folder = "/path/sd" if option == "pretrained" else f"/path/{option.split('_')[0]}"
+        toy = f"; or try {_TOY_CONFIGS}" if option == "pretrained" else ""
         raise UserError(
-            f"--model.pretrained {repo_id!r} is a hub id, but {why}. Download it once where there is network "
-            f"(`hf download {repo_id} --local-dir /path/sd`) and pass --model.pretrained /path/sd; or try "
-            f"{_TOY_CONFIGS}"
+            f"--model.{option} {repo_id!r} is a hub id, but {why}. Download it once where there is network "
+            f"(`hf download {repo_id} --local-dir {folder}`) and pass --model.{option} {folder}{toy}"
         ) from None
     except RepositoryNotFoundError:
         raise UserError(
-            f"--model.pretrained {repo_id!r}: no such hub model (a typo? gated models need `hf auth login`)"
+            f"--model.{option} {repo_id!r}: no such hub model (a typo? gated models need `hf auth login`)"
         ) from None
     except EntryNotFoundError:
+        where = f"{subfolder}/config.json" if subfolder else "config.json"
         raise UserError(
-            f"--model.pretrained {repo_id!r} has no {subfolder}/config.json: not a diffusers Stable Diffusion model"
+            f"--model.{option} {repo_id!r} has no {where}: not the model this option takes"
         ) from None
 
 
@@ -362,16 +365,40 @@ def check_model(config: EmerDiffConfig) -> None:
                         f"--model.taesd_model {taesd!r} is not an AutoencoderTiny folder (no config.json)"
                     )
             else:
-                try:
-                    _hub_config(taesd, "")
-                except UserError as err:
-                    raise UserError(str(err).replace("--model.pretrained", "--model.taesd_model")) from None
+                _hub_config(taesd, "", option="taesd_model")
+    check_classifier(config, unet)
+
+
+def check_classifier(config: EmerDiffConfig, unet: Any) -> None:
+    """The classifier can be built (emerdiff_pl.classifiers): the probe file exists and was fit on this model's
+    features (feature width from ``unet``, a meta-device U-Net), a CLIP folder holds a model or a hub id is
+    cached. Class names were read when the config was built."""
+    if config.classifier == "probe":
+        from emerdiff_pl.classifiers.probe import FeatureSource, Probe
+
+        width = unet.get_submodule(config.feature_layer).to_q.out_features
+        try:
+            Probe.load(config.probe, expected=FeatureSource.of(config, width))
+        except (OSError, ValueError) as err:
+            raise UserError(f"--model.probe: {err}") from None
+    elif config.classifier == "clip":
+        name = config.clip_model
+        path = Path(name).expanduser()
+        if path.exists() or name.count("/") != 1 or name.startswith((".", "~", "/")):
+            if not (path / "config.json").is_file():
+                raise UserError(
+                    f"--model.clip_model {name!r} is not a CLIP model folder (no config.json): pass a hub id "
+                    "such as openai/clip-vit-base-patch16 or a folder written by CLIPModel.save_pretrained"
+                )
+        else:
+            _hub_config(name, "", option="clip_model")
 
 
 __all__ = [
     "SD_ON_CPU",
     "UserError",
     "check_accelerator",
+    "check_classifier",
     "check_input",
     "check_model",
     "check_model_settings",

@@ -12,6 +12,7 @@ Layout of ``output_dir`` (``<tag>`` = ``<prefix>-<run id>``; ``<prefix>`` = ``a<
     config-<tag>.yaml        the resolved CLI config (written by the CLI)
     settings.json            the settings that shape the labels, recorded by the folder's first run
     settings-<tag>.json      a run's own, where it differs (writer.allow_changed_settings)
+    id2label.json            with a model classifier (named output): {"0": name, ...}, the same for every task
 
 Guarantees (see slurm/README.md): one process per task prefix at a time (a second start exits with a message
 naming the owner; a dead owner's lock is released by the kernel); a visible ``.tar`` is complete and its manifest
@@ -181,6 +182,7 @@ class PseudoLabelWriter(BasePredictionWriter):
         self._hparams: dict[str, Any] = {}
         self._run_info: dict[str, Any] = {}
         self._versions: dict[str, str] = {}
+        self._classifier: dict[str, Any] | None = None  # the model's classifier record (named output), if any
 
     @classmethod
     def of(cls, trainer: pl.Trainer) -> PseudoLabelWriter | None:
@@ -303,6 +305,28 @@ class PseudoLabelWriter(BasePredictionWriter):
         run_info = getattr(pl_module, "run_info", None)
         self._run_info = _jsonable(run_info()) if callable(run_info) else {}
         self._versions = {**_versions(), **dict(self._run_info.get("versions", {}) or {})}
+        self._classifier = self._run_info.pop("classifier", None)
+        self._publish_class_names()
+
+    def _publish_class_names(self) -> None:
+        """Named output (a model classifier): `id2label.json` at the output root, written once and equal for
+        every task, rank and rerun; output without names is never mixed with named output."""
+        from emerdiff_pl.classifiers.names import ID2LABEL_FILE, id2label, publish_id2label, read_id2label
+
+        there = read_id2label(self.output_dir)
+        if self._classifier is None:
+            if there is not None:
+                raise ValueError(
+                    f"{self.output_dir} holds named output ({ID2LABEL_FILE}) but this run has no "
+                    "model.classifier: write per-image mask ids into another folder"
+                )
+            return
+        if there is None and self.read_plan().done_keys:
+            raise ValueError(
+                f"{self.output_dir} holds labels without class names (no {ID2LABEL_FILE}) but this run names its "
+                f"classes (model.classifier: {self._classifier.get('classifier')}): write into another folder"
+            )
+        publish_id2label(self.output_dir, id2label(self._classifier["class_names"]))
 
     def write_on_batch_end(
         self,
@@ -455,6 +479,7 @@ class PseudoLabelWriter(BasePredictionWriter):
                 "batch": _jsonable(prediction.get("timings", {})),
             },
             "output": {"shard": self._shard.name if self._shard else None, "run_id": self.run_id},
+            **self._named(),
         }
         members = {
             SEG_FIELD: encode_label_png(labels),
@@ -474,6 +499,19 @@ class PseudoLabelWriter(BasePredictionWriter):
             field, data = image_member(encoded, original)
             members[field] = data
         return members
+
+    def _named(self) -> dict[str, Any]:
+        """`<key>.json`'s entries of named output: the classifier's record and the class names (id i = the
+        i-th, as in `id2label.json`); none for mask ids."""
+        if self._classifier is None:
+            return {}
+        from emerdiff_pl.classifiers.names import display_name
+
+        record = {k: v for k, v in self._classifier.items() if k != "class_names"}
+        return {
+            "classifier": record,
+            "class_names": [display_name(n) for n in self._classifier["class_names"]],
+        }
 
     def _next_shard_name(self) -> str:
         return f"{self.prefix}-{self.run_id}-{self._sequence:06d}.tar"

@@ -413,3 +413,41 @@ def read_output(output_dir: Path) -> dict:
         "summaries": summaries,
         "temp": temp,
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# named classes: a tiny random CLIP saved as a user's folder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def save_tiny_random_clip(folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random CLIP (ViT with 8-pixel patches on 32², 2 blocks; the project's 54-token tokenizer) to
+    ``folder`` as ``save_pretrained`` does: a local CLIP folder, loaded from there like a user's."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from emerdiff_pl.backbone import random_text_encoder, tiny_tokenizer
+
+    folder = Path(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text = random_text_encoder(hidden_size=16, layers=1, heads=2).config
+        vision = {
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        }
+        config = CLIPConfig(
+            text_config=text.to_dict(),
+            vision_config={**vision, "image_size": 32, "patch_size": 8},
+            projection_dim=8,
+        )
+        CLIPModel(config).save_pretrained(folder)
+    CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tiny_tokenizer()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_folder(tmp_path_factory) -> Path:
+    """A tiny random CLIPModel and its processor saved as a user's folder (loaded from there like one)."""
+    return save_tiny_random_clip(tmp_path_factory.mktemp("tiny-clip"))

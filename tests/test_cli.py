@@ -144,6 +144,13 @@ def _says_something_untrue(model: dict, trainer: dict) -> set[str]:
         unread |= {"refine_iterations", "refine_dilations"}
     if model.get("refine", "none") not in ("guided", "bilateral"):
         unread |= {"refine_radius", "refine_eps"}
+    classifier = model.get("classifier", "none")
+    if classifier != "probe":
+        unread.add("probe")
+    if classifier != "clip":
+        unread |= {"clip_model", "clip_resolution"}
+    if classifier == "none":
+        unread |= {"class_names", "classifier_threshold"}
     if trainer.get("accelerator") == "cpu":  # CUDA-only settings
         unread |= {"channels_last", "group_norm_kernel"}
     return unread & set(model)

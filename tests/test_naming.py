@@ -7,7 +7,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,10 +26,10 @@ from emerdiff_pl.classifiers import (
     coarse_scores,
     fit_probe,
     id2label,
-    read_class_names,
 )
-from emerdiff_pl.classifiers.clip import clip_input_size, save_tiny_random_clip
+from emerdiff_pl.classifiers.clip import clip_input_size
 from emerdiff_pl.classifiers.probe import cell_label_fractions
+from emerdiff_pl.datasets import class_names
 
 IGNORE = method.IGNORE_CLASS
 
@@ -238,12 +237,6 @@ def test_the_probe_reads_features_of_the_current_segmenter():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_clip_folder(tmp_path_factory) -> Path:
-    """A tiny random CLIPModel and its processor saved as a user's folder (loaded from there like one)."""
-    return save_tiny_random_clip(tmp_path_factory.mktemp("tiny-clip"))
-
-
 CLIP_NAMES = ("sky", "water, sea", "grass")
 
 
@@ -386,8 +379,8 @@ def test_field_scores_stack_coarse_maps_of_any_size_at_one_size():
 def test_class_names_come_from_a_list_or_a_file_and_map_ids_to_first_names(tmp_path):
     path = tmp_path / "classes.txt"
     path.write_text("# toy world\nsky\n\nwater, sea\ngrass\n")
-    names = read_class_names(str(path))
-    assert names == ("sky", "water, sea", "grass") == read_class_names(list(names))
+    names = class_names(str(path))
+    assert names == ["sky", "water, sea", "grass"] == class_names(names)
     assert id2label(names) == {"0": "sky", "1": "water", "2": "grass"}
-    with pytest.raises(ValueError, match="'sky' appears twice"):
-        read_class_names(["sky", "sky, heaven"])
+    with pytest.raises(ValueError, match="names 'sky' twice"):
+        class_names(["sky", "sky, heaven"])

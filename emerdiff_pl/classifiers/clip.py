@@ -12,14 +12,13 @@ cosine at the patch grid (B, C, h_p, w_p), or its softmax at CLIP's learned scal
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-from emerdiff_pl.backbone import _hub_error, _local_path, _random_text_encoder, tiny_tokenizer
+from emerdiff_pl.backbone import hub_error, local_path
 from emerdiff_pl.classifiers.names import synonyms
 
 # OpenAI CLIP's image normalization, used when a model folder saved no image processor
@@ -56,7 +55,7 @@ DEFAULT_CLIP = "openai/clip-vit-base-patch16"
 def load_clip(name: str, dtype: torch.dtype = torch.float32) -> tuple[CLIPModel, object, tuple, tuple]:
     """A CLIPModel (eval, no grad) and its tokenizer and image mean/std from a hub id or a local folder (with
     config.json, the weights and the tokenizer files, as `save_pretrained` writes them)."""
-    path = _local_path(name)
+    path = local_path(name)
     if path is not None and not (path / "config.json").is_file():
         held = sorted(p.name for p in path.iterdir()) if path.is_dir() else None
         raise FileNotFoundError(
@@ -72,7 +71,7 @@ def load_clip(name: str, dtype: torch.dtype = torch.float32) -> tuple[CLIPModel,
     except (OSError, ValueError) as err:
         if path is not None:
             raise
-        raise _hub_error(name, "clip_model", "/path/clip", err) from err
+        raise hub_error(name, "clip_model", "/path/clip", err) from err
     mean, std = _image_stats(source)
     model.requires_grad_(False).eval()
     return model, tokenizer, mean, std
@@ -85,29 +84,6 @@ def _image_stats(source: str) -> tuple[tuple, tuple]:
     except (OSError, ValueError):  # no preprocessor/processor config: normalized as OpenAI's CLIP
         return CLIP_MEAN, CLIP_STD
     return tuple(processor.image_mean), tuple(processor.image_std)
-
-
-def save_tiny_random_clip(folder: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random CLIP (ViT with 8-pixel patches on 32², 2 blocks; the project's 54-token tokenizer) to
-    `folder` as `save_pretrained` does: a local CLIP folder for tests and demos without network."""
-    folder = Path(folder)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text = _random_text_encoder(hidden_size=16, layers=1, heads=2).config
-        vision = {
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-        }
-        config = CLIPConfig(
-            text_config=text.to_dict(),
-            vision_config={**vision, "image_size": 32, "patch_size": 8},
-            projection_dim=8,
-        )
-        CLIPModel(config).save_pretrained(folder)
-    CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tiny_tokenizer()).save_pretrained(folder)
-    return folder
 
 
 def clip_input_size(height: int, width: int, resolution: int, patch: int) -> tuple[int, int]:
@@ -243,5 +219,4 @@ __all__ = [
     "IMAGENET_TEMPLATES",
     "clip_input_size",
     "load_clip",
-    "save_tiny_random_clip",
 ]

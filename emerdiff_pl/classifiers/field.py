@@ -19,9 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from emerdiff_pl.method import IGNORE_CLASS
-
-COARSE_FIELDS = ("coarse.png", "coarse.npy")
+from emerdiff_pl.fields import COARSE_FIELDS, IGNORE_CLASS
 
 
 class CoarseMapError(ValueError):
@@ -109,6 +107,20 @@ def _one_hot(labels: np.ndarray, num_classes: int, where: str) -> Tensor:
     return one_hot.masked_fill(ignored, 0.0)
 
 
+def check_coarse_size(scores: Tensor, image_size: tuple[int, int], key: str) -> Tensor:
+    """`scores` (C, h, w) when the coarse map covers an image of `image_size` (H, W): its aspect ratio within a
+    cell (or 10 %) of the image's, or square (from a segmenter that squashed the image); else CoarseMapError
+    naming `key` and both sizes (a transposed or another image's map)."""
+    (h, w), (height, width) = scores.shape[-2:], image_size
+    expected = h * width / height  # the width a map of h rows has at the image's aspect ratio
+    if h != w and abs(w - expected) > max(1.0, 0.1 * expected):
+        raise CoarseMapError(
+            f"sample {key!r}: the coarse map is {h}×{w} but the image is {height}×{width}: a coarse map must "
+            "have the image's aspect ratio (or be square, from a segmenter that squashed it)"
+        )
+    return scores
+
+
 def coarse_member(fields: dict[str, bytes], key: str) -> tuple[str, bytes]:
     """The coarse-map member of a shard sample's fields → (field, bytes); CoarseMapError when it has none or
     both."""
@@ -175,6 +187,7 @@ class FieldClassifier(nn.Module):
 __all__ = [
     "COARSE_FIELDS",
     "CoarseMapError",
+    "check_coarse_size",
     "FieldClassifier",
     "coarse_file",
     "coarse_member",

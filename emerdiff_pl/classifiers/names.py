@@ -1,42 +1,20 @@
-"""Class names of named output: from a list or a text file (one class a line), and the id → name table.
+"""Class names of named output: synonyms, display names and the id → name table (`id2label.json`).
 
-A line may hold synonyms separated by commas ("person, man, woman"); the first is the class's name in the
-output, the `clip` classifier scores the best of all of them.
+The names themselves are read by the project's one reader, :func:`emerdiff_pl.datasets.class_names` (a list, a
+text file or a known dataset). A name may hold synonyms separated by commas ("person, man, woman"): the first is
+the class's name in the output, the `clip` classifier scores the best of all of them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-
-def read_class_names(value: str | Path | Sequence[str]) -> tuple[str, ...]:
-    """Class names from a list, or from a text file (one per line; blank lines and lines starting with # are
-    skipped). Raises ValueError for no names, an empty name or a repeated name."""
-    if isinstance(value, str | Path):
-        path = Path(value)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"class names file {str(path)!r} does not exist (give a list, or a text file with one class a line)"
-            )
-        lines = path.read_text(encoding="utf-8").splitlines()
-        names = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-        where = f" in {str(path)!r}"
-    else:
-        names = [str(n).strip() for n in value]
-        where = ""
-    if not names:
-        raise ValueError(f"no class names{where}")
-    if any(not n.strip(", ") for n in names):
-        raise ValueError(f"an empty class name{where}: {names}")
-    seen: set[str] = set()
-    for name in (display_name(n) for n in names):
-        if name in seen:
-            raise ValueError(f"class {name!r} appears twice{where}")
-        seen.add(name)
-    if len(names) > 255:
-        raise ValueError(f"{len(names)} classes{where}: at most 255 (id 255 is ignore)")
-    return tuple(names)
+ID2LABEL_FILE = "id2label.json"  # at the root of named predict output and of export output
 
 
 def display_name(class_name: str) -> str:
@@ -57,4 +35,68 @@ def id2label(class_names: Sequence[str]) -> dict[str, str]:
     return {str(i): display_name(n) for i, n in enumerate(class_names)}
 
 
-__all__ = ["display_name", "id2label", "read_class_names", "synonyms"]
+def publish_id2label(folder: str | os.PathLike, table: dict[str, str]) -> None:
+    """Write `<folder>/id2label.json` once, atomically (every task and rank may try; the first one's file
+    stands), or check the one there: a different table raises a ValueError naming both."""
+    path = Path(folder) / ID2LABEL_FILE
+    text = json.dumps(table, indent=1) + "\n"
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        try:
+            os.link(tmp, path)  # atomic, and never replaces a file another process published first
+        except FileExistsError:
+            pass
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+    there = read_id2label(folder)
+    if there != table:
+        raise ValueError(
+            f"{path} names the classes {list(there.values())} but this run's are {list(table.values())}: named "
+            "output of other classes is not mixed; write into a fresh folder"
+        )
+
+
+def read_id2label(folder: str | os.PathLike) -> dict[str, str] | None:
+    """The `id2label.json` table in `folder`, or None when there is none."""
+    path = Path(folder) / ID2LABEL_FILE
+    if not path.is_file():
+        return None
+    try:
+        return {str(k): str(v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"{path} is not an id → name table ({err})") from None
+
+
+def named_classes(meta: Any) -> list[str] | None:
+    """The class names (id i = the i-th) of a prediction sample whose `<key>.json` (`meta`) says a classifier
+    named its labels; None for per-image mask ids (or relabelled ones)."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("classifier"), dict):
+        return None
+    names = meta.get("class_names")
+    if not isinstance(names, list) or not names:
+        raise ValueError(f"sample {meta.get('key')!r} names its classifier but not its class_names")
+    return [str(n) for n in names]
+
+
+def output_class_names(urls: str | list[str]) -> list[str] | None:
+    """The class names of named predict output (from its first sample's `<key>.json`), None for mask ids."""
+    from emerdiff_pl.fields import JSON_FIELD
+    from emerdiff_pl.shardio import iter_samples
+
+    for sample in iter_samples(urls, fields={JSON_FIELD}):
+        return named_classes(sample.get(JSON_FIELD))
+    return None
+
+
+__all__ = [
+    "ID2LABEL_FILE",
+    "display_name",
+    "id2label",
+    "named_classes",
+    "output_class_names",
+    "publish_id2label",
+    "read_id2label",
+    "synonyms",
+]

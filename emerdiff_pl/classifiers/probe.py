@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from emerdiff_pl.method import IGNORE_CLASS
+from emerdiff_pl.fields import IGNORE_CLASS
+from emerdiff_pl.shardio import file_digest
+
+if TYPE_CHECKING:
+    from emerdiff_pl.config import EmerDiffConfig
 
 PROBE_KINDS = ("linear", "prototype")
 LABEL_TARGETS = ("majority", "fractions")
@@ -56,6 +60,18 @@ class FeatureSource:
     feature_dim: int
     resolution: int
     resize: str
+
+    @classmethod
+    def of(cls, config: EmerDiffConfig, feature_dim: int) -> FeatureSource:
+        """The features a segmenter with `config` reads (`feature_dim`: its feature layer's query width)."""
+        return cls(
+            model=config.pretrained,
+            feature_layer=config.feature_layer,
+            feature_timestep=config.feature_timestep,
+            feature_dim=int(feature_dim),
+            resolution=config.resolution,
+            resize=config.resize,
+        )
 
     def differences(self, other: FeatureSource) -> tuple[list[str], list[str]]:
         """(fields that must match but differ, fields that differ and only warn), each 'name: ours vs theirs'."""
@@ -122,6 +138,8 @@ class Probe(nn.Module):
         self.class_names = tuple(class_names)
         self.source = source
         self.fit = dict(fit or {})
+        self.file: str | None = None  # where `load` read it from, and that file's SHA-256 (for the record)
+        self.sha256: str | None = None
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor.detach().float().clone())
         num_classes, dim = len(self.class_names), source.feature_dim
@@ -158,6 +176,11 @@ class Probe(nn.Module):
         probs = self.logits(features).softmax(-1)  # (B, N, C)
         return probs.transpose(1, 2).reshape(batch, self.num_classes, h, w)
 
+    def mask_scores(self, embeddings: Tensor) -> Tensor:
+        """Class probabilities (B, K, C) of masks from their embeddings (B, K, D), each mask's mean query vector
+        (`SegmentationResult.mask_embeddings`): the probe applied to the embedding averaged inside the mask."""
+        return self.logits(embeddings).softmax(-1)
+
     def check_source(self, source: FeatureSource, path: str | Path | None = None) -> None:
         """Refuse features that are not what the probe was fit on (a ValueError naming both); warn on a
         different resolution or resize."""
@@ -176,8 +199,15 @@ class Probe(nn.Module):
             )
 
     def record(self) -> dict[str, Any]:
-        """What `<key>.json` and `id2label.json` say about this classifier."""
-        return {"classifier": "probe", "kind": self.kind, "source": asdict(self.source), "fit": self.fit}
+        """What `<key>.json` says about this classifier: kind, file and its SHA-256, features, the fit report."""
+        return {
+            "classifier": "probe",
+            "kind": self.kind,
+            "file": self.file,
+            "sha256": self.sha256,
+            "source": asdict(self.source),
+            "fit": self.fit,
+        }
 
     def save(self, path: str | Path) -> None:
         """One safetensors file: the tensors, and as metadata the kind, class names, source and fit report."""
@@ -221,6 +251,7 @@ class Probe(nn.Module):
             tensors,
             json.loads(metadata.get("fit", "{}")),
         )
+        probe.file, probe.sha256 = str(path), file_digest(path)
         if expected is not None:
             probe.check_source(expected, path)
         return probe

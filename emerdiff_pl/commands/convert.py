@@ -37,6 +37,13 @@ def _toyworld_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-images", type=int, default=100, help="number of scenes (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="run seed; scene i depends only on (seed, i)")
     parser.add_argument(
+        "--start",
+        type=int,
+        default=0,
+        help="index of the first scene (default 0): --start 100000 gives scenes disjoint from 0 … 99999, e.g. "
+        "labelled scenes for fit-probe beside held-out ones",
+    )
+    parser.add_argument(
         "--size", type=int, default=DEFAULT_SIZE, help=f"image side in pixels (default {DEFAULT_SIZE})"
     )
     return parser
@@ -47,7 +54,9 @@ def toyworld(argv: list[str]) -> int:
     from emerdiff_pl.datasets.toyworld import write_shards
 
     args = _toyworld_parser().parse_args(argv)
-    paths = write_shards(args.out, args.num_images, args.seed, size=args.size, shard_size=args.shard_size)
+    paths = write_shards(
+        args.out, args.num_images, args.seed, size=args.size, shard_size=args.shard_size, start=args.start
+    )
     print(f"wrote {args.num_images} scenes to {len(paths)} shard(s) in {args.out}")
     return 0
 

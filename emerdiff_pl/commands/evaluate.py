@@ -3,9 +3,10 @@ shards (``<key>.gt.png``) or a folder of label PNGs named like the images predic
 the matching rule: :mod:`emerdiff_pl.sources`).
 
 Protocols (``--protocol``): ``global`` (dataset-wide Hungarian, the paper's Table 1), ``per-image``
-(DiffSeg/DiffCut style, lenient), ``both``, and ``concept`` (the paper's Table 2: nearest class concept
-embedding, reported with dataset-wide and with per-image concepts). Hungarian protocols report the boundary
-F-score (``--boundary-tolerance`` px) beside mIoU. The table goes to stdout; ``--out`` adds report.json,
+(DiffSeg/DiffCut style, lenient), ``both``, ``concept`` (the paper's Table 2: nearest class concept
+embedding, reported with dataset-wide and with per-image concepts), and ``named`` for named output
+(``model.classifier``: class ids scored as they are, no matching; chosen by default for such output). Hungarian
+and named protocols report the boundary F-score (``--boundary-tolerance`` px) beside mIoU. The table goes to stdout; ``--out`` adds report.json,
 table.txt and confusion.png.
 """
 
@@ -89,6 +90,8 @@ def save_confusion_image(
 
 
 _COLUMNS = (
+    ("named", "per_class_iou", "IoU named"),
+    ("named", "per_class_boundary_f", "BF named"),
     ("global", "per_class_iou", "IoU global"),
     ("global", "per_class_boundary_f", "BF global"),
     ("per_image", "per_class_iou", "IoU per-image"),
@@ -152,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
         "or of the shard sample sub/a",
     )
     parser.add_argument(
-        "--num-classes", type=int, required=True, help="number of ground-truth classes (27 for *-27)"
+        "--num-classes",
+        type=int,
+        default=None,
+        help="number of ground-truth classes (27 for *-27); named output (model.classifier) gives its own",
     )
     parser.add_argument(
         "--num-clusters",
@@ -163,14 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--protocol",
-        choices=["global", "per-image", "both", "concept"],
-        default="global",
-        help="global: one confusion matrix and one assignment over the dataset (STEGO/PiCIE, the paper's "
+        choices=["global", "per-image", "both", "concept", "named"],
+        default=None,
+        help="named: predictions that are class ids (predict with model.classifier) against the ground truth, "
+        "no matching, a predicted 255 a miss (the default for named output); global: one confusion matrix and one assignment over the dataset (STEGO/PiCIE, the paper's "
         "Table 1); per-image: matching per image, more lenient (DiffSeg/DiffCut); both; concept: the paper's "
         "Table 2, each pixel takes the class whose concept (mean embedding of the class's pixels) is nearest "
         "to its mask's embedding (<key>.emb.npy), with concepts over the whole dataset ('concept') and per "
         "image ('concept_per_image', lenient); needs the predict output's per-image mask ids, not relabelled "
-        "ones (default: global)",
+        "ones (default: named for named output, else global)",
     )
     parser.add_argument(
         "--pred-field",
@@ -211,6 +218,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _named_protocol(args: argparse.Namespace, pred_field: str) -> tuple[str, list[str] | None]:
+    """(the protocol, the output's class names or None): ``named`` by default for named output, whose class count
+    is the output's (``--num-classes`` set to it, or checked against it); else ``global``, and
+    ``--num-classes`` required."""
+    from emerdiff_pl.classifiers.names import output_class_names
+
+    names = output_class_names(args.pred) if pred_field == SEG_FIELD else None
+    protocol = args.protocol or ("named" if names else "global")
+    if protocol == "named" and names is None:
+        raise ValueError(
+            f"--protocol named scores class ids, but {args.pred!r} holds per-image mask ids (its <key>.json names "
+            "no classifier): predict with --model.classifier, or pick another protocol"
+        )
+    if names is not None and args.num_classes not in (None, len(names)):
+        raise ValueError(
+            f"--num-classes {args.num_classes}, but the predictions name {len(names)} classes ({names[:5]}…)"
+        )
+    if names is not None:
+        args.num_classes = len(names)
+    if args.num_classes is None:
+        raise ValueError("--num-classes is required (the ground truth's class count) for mask-id predictions")
+    return protocol, names if args.class_names is None else None
+
+
 def _check_concept_input(meta: Any, key: str) -> None:
     if isinstance(meta, dict) and isinstance(meta.get("relabel"), dict):
         raise ValueError(
@@ -229,13 +260,16 @@ def main(argv: list[str] | None = None) -> int:
         BoundaryFScore,
         ConceptIoU,
         GlobalHungarianIoU,
+        NamedIoU,
         PerImageHungarianIoU,
         _as_numpy,
+        named_ids,
         short_side_center_crop,
     )
 
     pred_field = args.pred_field or SEG_FIELD
-    names = _class_names(args.class_names, args.num_classes)
+    args.protocol, output_names = _named_protocol(args, pred_field)
+    names = output_names or _class_names(args.class_names, args.num_classes)
     protocols = {
         "both": ["global", "per-image"],
         "concept": ["concept"],
@@ -254,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--boundary-tolerance must be ≥ 0")
     metrics: dict[str, Metric] = {}
     boundary: dict[str, BoundaryFScore] = {}
+    if "named" in protocols:
+        metrics["named"] = NamedIoU(args.num_classes, ignore_index=ignore)
+        boundary["named"] = BoundaryFScore(args.num_classes, args.num_classes + 1, tol, "global", ignore)
     if "global" in protocols:
         metrics["global"] = GlobalHungarianIoU(args.num_classes, num_clusters, ignore_index=ignore)
         boundary["global"] = BoundaryFScore(args.num_classes, num_clusters, tol, "global", ignore)
@@ -303,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for name, metric in metrics.items():
             metric.update(p, t)
-            boundary[name].update(p, t)
+            boundary[name].update(named_ids(p, args.num_classes) if name == "named" else p, t)
     truth.close()
     gt_only = truth.unmatched(seen) if args.limit is None else []
     evaluated = len(seen) - len(pred_only) - len(no_field)
@@ -347,7 +384,10 @@ def main(argv: list[str] | None = None) -> int:
             "pixel_accuracy": out["pixel_accuracy"],
             "per_class_iou": _nan_to_none(out["per_class_iou"]),
         }
-        if name == "global":
+        if name == "named":
+            entry["assignment"] = out["assignment"].tolist()
+            entry["confusion"] = out["confusion"].reshape(args.num_classes + 1, args.num_classes).tolist()
+        elif name == "global":
             confusion = out["confusion"].reshape(num_clusters, args.num_classes)
             entry["assignment"] = out["assignment"].tolist()
             entry["num_clusters"] = num_clusters
@@ -361,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["concepts"] = "dataset" if name == "concept" else "image"
             entry["confusion"] = out["confusion"].reshape(args.num_classes, -1).tolist()
         if name in boundary:
-            assignment = out["assignment"] if name == "global" else None
+            assignment = out["assignment"] if name in ("global", "named") else None
             bf = boundary[name].compute(assignment)
             entry["boundary_f"] = float(bf["boundary_f"])
             entry["boundary_precision"] = float(bf["precision"])
@@ -403,14 +443,16 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(report, f, indent=1)
     with open(os.path.join(args.out, "table.txt"), "w", encoding="utf-8") as f:
         f.write(header + "\n" + table + "\n")
-    if "global" in results:
-        save_confusion_image(
-            np.asarray(results["global"]["confusion"]),
-            np.asarray(results["global"]["assignment"]),
-            names,
-            os.path.join(args.out, "confusion.png"),
-            title=f"dataset-wide Hungarian: mIoU {results['global']['miou']:.2f}",
-        )
+    for name, title in (("named", "named classes, no matching"), ("global", "dataset-wide Hungarian")):
+        if name in results:
+            save_confusion_image(
+                np.asarray(results[name]["confusion"]),
+                np.asarray(results[name]["assignment"]),
+                names,
+                os.path.join(args.out, "confusion.png"),
+                title=f"{title}: mIoU {results[name]['miou']:.2f}",
+            )
+            break
     print(f"wrote {os.path.join(args.out, 'report.json')}")
     return 0
 

@@ -1,13 +1,15 @@
-"""``emerdiff-pl export``: relabelled pseudo-label shards as a training set in a layout trainers read.
+"""``emerdiff-pl export``: relabelled or named pseudo-label shards as a training set in a layout trainers read.
 
 ``--format folder`` writes ``images/<key>.png`` (RGB) and ``labels/<key>.png`` (global class ids, 8-bit, or
 16-bit past 255 classes) plus ``classes.txt`` (one name per line, line i = id i) and ``export.json`` (written last:
 its presence marks a complete export). This is mmsegmentation's custom-dataset layout (``img_suffix='.png'``,
 ``seg_map_suffix='.png'``, ``data_prefix=dict(img_path='images', seg_map_path='labels')``) and what most
-segmentation trainers' folder loaders read. Only relabelled shards (``emerdiff-pl relabel`` output, marked by the
-``relabel`` record in each ``<key>.json``) of one relabel run (one ``centroids_sha256``) are accepted: raw
-per-image cluster ids, or the ids of two runs, mean different things in different images, so they are not a
-training set; a label id outside the run's classes is refused too.
+segmentation trainers' folder loaders read. Only labels whose ids mean the same in every image are accepted:
+relabelled shards (``emerdiff-pl relabel`` output, marked by the ``relabel`` record in each ``<key>.json``) of one
+relabel run (one ``centroids_sha256``), or named output (predict with ``model.classifier``: ``<key>.json`` names
+the classes; they go to ``classes.txt`` unless ``--class-names`` overrides them, and 255 stays the ignore id).
+Raw per-image cluster ids, or the ids of two runs, mean different things in different images, so they are not a
+training set; a label id outside the classes is refused too.
 
 ``--format hf`` writes the same pairs as a Hugging Face ``datasets`` dataset (see :func:`export_hf`). Both
 formats also write ``id2label.json`` (``{"0": name, ...}``, the file transformers' segmentation models read).
@@ -27,8 +29,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from emerdiff_pl.classifiers.names import ID2LABEL_FILE
 from emerdiff_pl.codec import encode_label_png
-from emerdiff_pl.fields import JSON_FIELD, SEG_FIELD
+from emerdiff_pl.fields import IGNORE_CLASS, JSON_FIELD, SEG_FIELD
 
 
 class NotRelabelledError(ValueError):
@@ -46,6 +49,17 @@ def global_classes(meta: Any, key: str) -> tuple[int, str | None]:
             "first: emerdiff-pl relabel --input <these shards> --output <dir> --num-classes C, then export <dir>"
         )
     return record["num_classes"], record.get("centroids_sha256")
+
+
+def output_classes(meta: Any, key: str) -> tuple[int, str | None, list[str] | None]:
+    """(number of classes, what makes their ids mean the same across samples, the output's class names or None)
+    of a sample: named output (``model.classifier``) carries its class names; else the relabel record."""
+    from emerdiff_pl.classifiers.names import named_classes
+
+    names = named_classes(meta)
+    if names is not None:
+        return len(names), "named: " + json.dumps(names), names
+    return (*global_classes(meta, key), None)
 
 
 def _class_names(spec: str | None, num_classes: int) -> list[str]:
@@ -86,7 +100,8 @@ class _Samples:
         self.classes: list[str] = []
         self.dataset = PseudoLabelDataset(input_urls, images=images)
         self.num_classes: int | None = None
-        self.run: str | None = None  # the relabel run's centroids digest
+        self.run: str | None = None  # the relabel run's centroids digest, or the named output's classes
+        self.named = False  # named output (model.classifier): 255 = ignore in the labels
         self.count = 0
         self.pixels = np.zeros(0, dtype=np.int64)
 
@@ -97,23 +112,26 @@ class _Samples:
             key = raw["__key__"]
             if JSON_FIELD not in raw:
                 raise NotRelabelledError(f"sample {key!r} has no <key>.json: not emerdiff-pl relabel output")
-            classes, run = global_classes(json.loads(raw[JSON_FIELD]), key)
+            classes, run, named = output_classes(json.loads(raw[JSON_FIELD]), key)
             if self.num_classes is None:
                 # a wrong --class-names fails here, before anything is written
-                self.classes = _class_names(self.names, classes)
+                given = self.names is not None or named is None
+                self.classes = _class_names(self.names, classes) if given else named
                 self.num_classes, self.pixels = classes, np.zeros(classes, dtype=np.int64)
-                self.run = run
+                self.run, self.named = run, named is not None
             elif (classes, run) != (self.num_classes, self.run):
+                what = "named output of other classes" if self.named else "several relabel runs"
                 raise ValueError(
-                    f"sample {key!r} was relabelled into {classes} classes (centroids {run}) but earlier ones "
-                    f"into {self.num_classes} (centroids {self.run}): the input mixes several relabel runs, "
-                    "whose class ids mean different things"
+                    f"sample {key!r} has {classes} classes ({run}) but earlier ones {self.num_classes} "
+                    f"({self.run}): the input mixes {what}, whose class ids mean different things"
                 )
             image, label, _ = self.dataset.decode(raw)
             image, label = image.numpy(), label.numpy()
-            if label.size and int(label.max()) >= classes:
-                raise ValueError(f"sample {key!r}: id {int(label.max())} ≥ the {classes} relabelled classes")
-            self.pixels += np.bincount(label.reshape(-1), minlength=classes)
+            ids = label[label != IGNORE_CLASS] if self.named else label  # named output keeps 255 as ignore
+            if ids.size and int(ids.max()) >= classes:
+                kind = "named" if self.named else "relabelled"
+                raise ValueError(f"sample {key!r}: id {int(ids.max())} ≥ the {classes} {kind} classes")
+            self.pixels += np.bincount(ids.reshape(-1), minlength=classes)
             self.count += 1
             yield key, image, label
 
@@ -129,6 +147,7 @@ class _Samples:
             "num_classes": self.num_classes,
             "classes": self.classes,
             "pixels_per_class": self.pixels.tolist(),
+            **({"ignore_index": IGNORE_CLASS} if self.named else {}),
             "label_dtype": "uint8" if self.num_classes <= 256 else "uint16",
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -146,7 +165,7 @@ def _finish(root: Path, record: dict[str, Any]) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     names = record["classes"]
     (root / "classes.txt").write_text("".join(n + "\n" for n in names), encoding="utf-8")
-    (root / "id2label.json").write_text(json.dumps(dict(enumerate(names)), indent=1), encoding="utf-8")
+    (root / ID2LABEL_FILE).write_text(json.dumps(dict(enumerate(names)), indent=1), encoding="utf-8")
     (root / "export.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
     return record
 
@@ -226,12 +245,13 @@ EXPORTERS = {"folder": export_folder, "hf": export_hf}
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emerdiff-pl export",
-        description="Export relabelled pseudo-label shards (emerdiff-pl relabel output) as a training set: "
-        "--format folder writes images/<key>.png, labels/<key>.png (global class ids), classes.txt and "
-        "export.json (mmsegmentation's custom-dataset layout).",
+        description="Export relabelled pseudo-label shards (emerdiff-pl relabel output) or named ones (predict "
+        "with model.classifier: class ids and their names, 255 = ignore) as a training set: --format folder writes "
+        "images/<key>.png, labels/<key>.png (global class ids), classes.txt and export.json (mmsegmentation's "
+        "custom-dataset layout).",
     )
     parser.add_argument(
-        "--input", required=True, help="relabelled shards, e.g. 'relabelled/*.tar' or a folder"
+        "--input", required=True, help="relabelled or named shards, e.g. 'relabelled/*.tar' or a folder"
     )
     parser.add_argument(
         "--format",
@@ -251,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--class-names",
         default=None,
         help="names for classes.txt: cocostuff27, cityscapes27, toyworld, a comma list (a,b,c) or a file with one "
-        "per line; as many as the relabelled classes (default class_0, class_1, ...)",
+        "per line; as many as the classes (default: named output's own names, else class_0, class_1, ...)",
     )
     return parser
 

@@ -13,7 +13,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="emerdiff-pl relabel",
         description="Cluster the mask embeddings of a whole prediction dataset into C global classes (weighted "
         "by mask area, seeded k-means) and rewrite every <key>.seg.png / <key>.lowres.png with global ids. "
-        "Output shards keep the input names and keys; DIR also gets centroids.npy and relabel.json.",
+        "Output shards keep the input names and keys; DIR also gets centroids.npy and relabel.json. Named output "
+        "(predict with model.classifier) already holds class ids: it is refused (exit 2), export it as it is.",
     )
     parser.add_argument(
         "--input", required=True, help="prediction shards, e.g. 'preds/shard-{000000..000099}.tar'"
@@ -63,12 +64,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def named_output_problem(urls: str) -> str | None:
+    """Why relabel must not run on ``urls``: named output (predict with ``model.classifier``) already holds
+    class ids, which relabelling would scramble into clusters; None for per-image mask ids."""
+    from emerdiff_pl.classifiers.names import output_class_names
+
+    names = output_class_names(urls)
+    if names is None:
+        return None
+    return (
+        f"{urls!r} holds named output (class ids of {len(names)} classes: {', '.join(names[:8])}"
+        f"{', …' if len(names) > 8 else ''}), not per-image mask ids: relabel is not needed. Export it "
+        "(emerdiff-pl export) or evaluate it (emerdiff-pl evaluate) as it is"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``emerdiff-pl relabel``: 0 on success, 2 when neither --num-classes nor --centroids is usable."""
+    """``emerdiff-pl relabel``: 0 on success; 2 for named output (nothing to relabel) or when neither
+    --num-classes nor --centroids is usable."""
     args = build_parser().parse_args(argv)
     from emerdiff_pl.relabel import class_count_problem, relabel_dataset
 
-    problem = class_count_problem(args.num_classes, args.centroids)
+    problem = named_output_problem(args.input) or class_count_problem(args.num_classes, args.centroids)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2

@@ -14,7 +14,15 @@ import sys
 import numpy as np
 
 from emerdiff_pl.datasets import class_names
-from emerdiff_pl.fields import GT_FIELD, JSON_FIELD, LOWRES_FIELD, OVERLAY_FIELD, SEG_FIELD, image_field_name
+from emerdiff_pl.fields import (
+    GT_FIELD,
+    IGNORE_CLASS,
+    JSON_FIELD,
+    LOWRES_FIELD,
+    OVERLAY_FIELD,
+    SEG_FIELD,
+    image_field_name,
+)
 from emerdiff_pl.labelmaps import boundaries, resize_labels_nearest
 from emerdiff_pl.shardio import iter_samples
 from emerdiff_pl.sources import image_of, open_images, open_labels
@@ -38,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emerdiff-pl show",
         description="Contact sheet of a pseudo-label run: one row per sample with image | overlay | low-res mask "
-        "(and ground truth with --gt), plus a legend of the ids shown. Without --gt colours are fixed per id; "
+        "(and ground truth with --gt), plus a legend of the ids shown. Named output (model.classifier) is coloured "
+        "by class, its legend names the classes. Otherwise, without --gt colours are fixed per id; "
         "with --gt each predicted id takes the colour of the ground-truth class it is matched to (Hungarian "
         "matching on shared pixels), so a region has one colour in both columns.",
     )
@@ -68,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "image", "dataset", "none"),
         default="auto",
         help="with --gt, how predicted ids get GT colours: per image (per-image cluster ids), over all rows "
-        "(dataset-wide ids, e.g. relabel output), or none (fixed colour per id). auto: dataset for relabelled "
-        "shards, else image",
+        "(dataset-wide ids, e.g. relabel output), or none (fixed colour per id). auto: none for named output "
+        "(model.classifier: ids are classes), dataset for relabelled shards, else image",
     )
     parser.add_argument(
         "--field", default=SEG_FIELD, help=f"label field drawn on the overlay (default {SEG_FIELD})"
@@ -108,6 +117,15 @@ def _overlay_with(
     return out
 
 
+def _named(samples: list[dict], field: str) -> list[str] | None:
+    """The class names of named output (predict with ``model.classifier``: ``field`` holds class ids), else None."""
+    from emerdiff_pl.classifiers.names import named_classes
+
+    if field != SEG_FIELD:
+        return None
+    return named_classes(samples[0].get(JSON_FIELD))
+
+
 def main(argv: list[str] | None = None) -> int:
     """``emerdiff-pl show``: write the contact sheet; 0 on success, 2 for a bad argument."""
     args = build_parser().parse_args(argv)
@@ -131,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"no samples in {args.input!r}")
     labels_of = {s["__key__"]: gts.label(s["__key__"]) for s in samples} if gts is not None else {}
     gt_of = {key: label for key, label in labels_of.items() if label is not None}
-    match = args.match
+    named = _named(samples, args.field)
+    if named is not None:  # class ids: coloured by class, named in the legend, 255 = ignore (black)
+        names, ignore = names or named, IGNORE_CLASS
+    match = "none" if named is not None and args.match == "auto" else args.match
     if match == "auto":
         relabelled = all(isinstance(s.get(JSON_FIELD), dict) and "relabel" in s[JSON_FIELD] for s in samples)
         match = "dataset" if relabelled else "image"
@@ -161,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             if pred == ignore:
                 continue
             if mapping is None:
-                name = names[pred] if names and gts is None and pred < len(names) else ""
+                named_ids = gts is None or named is not None
+                name = names[pred] if names and named_ids and pred < len(names) else ""
                 legend_ids.setdefault(pred, f"{pred} {name}".strip())
             elif pred in mapping:
                 gt_class = mapping[pred]
@@ -204,8 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if gts is not None:
         titles.append(f"ground truth ({GT_FIELD})")
-    section = f"ids in {args.field}" + (
-        f" (matched to GT per {'image' if match == 'image' else 'sheet'})" if matched else ""
+    section = (
+        ("classes" if named is not None else "ids")
+        + f" in {args.field}"
+        + (f" (matched to GT per {'image' if match == 'image' else 'sheet'})" if matched else "")
     )
     legend = [(section, sorted(legend_ids.items())[:96])]
     if gt_seen:

@@ -195,8 +195,9 @@ def write_shards(
     shard_size: int = 1000,
     prefix: str = "toyworld",
     progress: bool = True,
+    start: int = 0,
 ) -> list[str]:
-    """Write ``num_images`` scenes as WebDataset shards ``<prefix>-NNNNNN.tar`` in ``out_dir``.
+    """Write ``num_images`` scenes (indices ``start`` …) as WebDataset shards ``<prefix>-NNNNNN.tar`` in ``out_dir``.
 
     Each sample holds ``<key>.png`` (RGB image), ``<key>.gt.png`` (uint8 class ids) and ``<key>.json``
     (seed, index, class names). Shards are written atomically by the shared shard writer
@@ -217,7 +218,7 @@ def write_shards(
         tqdm(total=num_images, desc="toyworld scenes", disable=not progress) as bar,
         ShardSequenceWriter(pattern, maxcount=shard_size) as sink,
     ):
-        for i, scene in enumerate(generate_scenes(num_images, seed, size)):
+        for i, scene in enumerate(generate_scenes(num_images, seed, size, start=start), start=start):
             meta = {"seed": seed, "index": i, "size": size, "classes": list(CLASS_NAMES)}
             sink.write(
                 {"__key__": scene_key(seed, i), "png": scene.image, GT_FIELD: scene.labels, JSON_FIELD: meta}

@@ -1,0 +1,175 @@
+"""``emerdiff-pl fit-probe``: fit the few-shot probe of ``model.classifier: probe`` on a handful of labelled images.
+
+The probe reads the U-Net feature layer's query vectors, so it is tied to the model settings of the predict config
+it is fit with (``--config``: model, feature layer, t_f, resolution, resize); predict refuses a probe fit on
+another model, layer, t_f or feature width. Labelled images are ground-truth shards (``<key>.gt.png`` beside the
+image member, as ``emerdiff-pl convert`` writes them) or a folder of images with ``<stem>.gt.png`` beside each
+(``a.jpg`` + ``a.gt.png``), or with ``--labels DIR`` holding ``<relative stem>.png`` per image (the images/ +
+labels/ layout export writes). Label maps hold class ids (uint8, 255 = ignore) at any size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from emerdiff_pl.fields import GT_FIELD
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="emerdiff-pl fit-probe",
+        description="Fit the probe of model.classifier: probe (a linear classifier of the U-Net feature layer's "
+        "query vectors) on labelled images, print its train and held-out pixel accuracy, and write it as one "
+        "small file for --model.probe. One U-Net call per image: seconds on a CPU for the toy model.",
+    )
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="the predict config whose model settings the probe is for (its model: group; the probe only works "
+        "with the same model, feature_layer, feature_timestep, resolution and resize)",
+    )
+    parser.add_argument(
+        "--labelled",
+        required=True,
+        help="ground-truth shards with <key>.gt.png ('gt/*.tar', a folder of *.tar), or a folder of images with "
+        "<stem>.gt.png beside each image (a.jpg + a.gt.png)",
+    )
+    parser.add_argument(
+        "--labels",
+        default=None,
+        help="with a folder of images: a folder holding each image's label PNG at its relative stem "
+        "(images/x/a.jpg -> labels/x/a.png) instead of <stem>.gt.png beside it",
+    )
+    parser.add_argument(
+        "--class-names",
+        required=True,
+        help="the classes, id i = the i-th: toyworld, cocostuff27, cityscapes27, a comma list (a,b,c) or a text "
+        "file with one class a line",
+    )
+    parser.add_argument("--out", required=True, help="the probe file to write (e.g. probe.safetensors)")
+    parser.add_argument(
+        "--kind",
+        choices=("linear", "prototype"),
+        default="linear",
+        help="linear (default: softmax regression, measured best) or prototype (nearest class mean, cosine)",
+    )
+    parser.add_argument(
+        "--holdout",
+        type=int,
+        default=0,
+        help="keep the last N labelled images out of the fit and report the probe's pixel accuracy on them",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 … (default auto)"
+    )
+    return parser
+
+
+def model_settings(config_path: str) -> dict[str, Any]:
+    """The ``model:`` group of a predict config, for the probe's features: one U-Net call per image
+    (``lowres_bilinear``: no inversion, the same queries) and no classifier (the probe does not exist yet)."""
+    import yaml
+
+    path = Path(config_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--config {config_path!r} does not exist (a predict config, e.g. configs/toyworld-named.yaml)"
+        )
+    loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    model = loaded.get("model") if isinstance(loaded, dict) else None
+    if not isinstance(model, dict):
+        raise ValueError(
+            f"--config {config_path!r} has no model: group (the predict config's model settings)"
+        )
+    return {**model, "method": "lowres_bilinear", "classifier": "none", "refine": "none"}
+
+
+def labelled_images(labelled: str, labels: str | None) -> Iterator[tuple[str, bytes, bytes]]:
+    """(key, image bytes, label PNG bytes) of every labelled image: from ground-truth shards, or a folder."""
+    from emerdiff_pl.codec import image_field
+    from emerdiff_pl.paths import list_folder
+    from emerdiff_pl.shardio import iter_raw_samples
+
+    folder = Path(labelled)
+    if folder.is_dir() and not any(p.suffix == ".tar" for p in folder.iterdir()):
+        for key, path in list_folder(folder):
+            image = Path(path)
+            if labels is not None:
+                stem = image.relative_to(folder).with_suffix(".png")
+                label = Path(labels) / stem
+            else:
+                label = image.with_name(f"{image.name.rsplit('.', 1)[0]}.{GT_FIELD}")
+            if label.is_file():
+                yield key, image.read_bytes(), label.read_bytes()
+        return
+    if labels is not None:
+        raise ValueError(
+            "--labels goes with a folder of images, not with shards (their labels are <key>.gt.png)"
+        )
+    for sample in iter_raw_samples(labelled):
+        if GT_FIELD in sample:
+            fields = {k: v for k, v in sample.items() if not k.startswith("__")}
+            yield sample["__key__"], image_field(fields), sample[GT_FIELD]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``emerdiff-pl fit-probe``: 0 on success; user errors are reported by the CLI (exit 2)."""
+    args = build_parser().parse_args(argv)
+    if args.holdout < 0:
+        raise ValueError(f"--holdout must be ≥ 0, got {args.holdout}")
+    import torch
+    from tqdm import tqdm
+
+    from emerdiff_pl.classifiers.probe import FeatureSource, fit_probe
+    from emerdiff_pl.codec import decode_image, read_label_png
+    from emerdiff_pl.datasets import class_names
+    from emerdiff_pl.segmenter import EmerDiffSegmenter
+
+    names = class_names(args.class_names)
+    segmenter = EmerDiffSegmenter(**model_settings(args.config))
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    segmenter.to("cpu" if device == "auto" else device)
+    items = list(labelled_images(args.labelled, args.labels))
+    if not items:
+        where = f"label PNGs in {args.labels!r}" if args.labels else f"<key>.{GT_FIELD} members or files"
+        raise FileNotFoundError(f"no labelled images in {args.labelled!r} (looked for {where})")
+    if args.holdout >= len(items):
+        raise ValueError(
+            f"--holdout {args.holdout} leaves none of the {len(items)} labelled images to fit on"
+        )
+    labelled: list[tuple[Any, tuple[int, int], list[Any]]] = []
+    for key, image_bytes, label_bytes in tqdm(items, desc="features", unit="img", file=sys.stderr):
+        rgb = decode_image(image_bytes)
+        label = torch.from_numpy(read_label_png(label_bytes))
+        bad = (label >= len(names)) & (label != 255)
+        if bad.any():
+            raise ValueError(
+                f"{key!r}: label ids {sorted(int(v) for v in label[bad].unique()[:5])} are ≥ the {len(names)} "
+                "classes of --class-names (255 = ignore)"
+            )
+        image = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255)[None]
+        maps = segmenter.score_maps(image)
+        grid = tuple(maps.lowres.shape[-2:])
+        labelled.append((maps.features.float().cpu(), grid, [label]))
+    cut = len(labelled) - args.holdout
+    source = FeatureSource.of(segmenter.config, labelled[0][0].shape[-1])
+    probe, fit = fit_probe(labelled[:cut], names, source, kind=args.kind, heldout=labelled[cut:] or None)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    probe.save(tmp)
+    os.replace(tmp, out)
+    print(fit.summary())
+    print(
+        f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB): use it with --model.classifier probe --model.probe {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
