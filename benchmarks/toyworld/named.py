@@ -504,7 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-images", type=int, default=64, help="held-out scenes (default 64)")
     p.add_argument("--num-masks", type=int, default=32, help="EmerDiff's K (default 32, the named config's)")
     p.add_argument(
-        "--cache", default="/tmp/named2/cache", help="folder for the EmerDiff score maps ('': none)"
+        "--cache",
+        default=os.path.join(tempfile.gettempdir(), "emerdiff-named-cache"),
+        help="folder for the EmerDiff score maps, reused across runs and N ('': none; default: in the temp folder)",
     )
     p.add_argument("--compute-only", action="store_true", help="fill the cache and stop")
     p.add_argument(

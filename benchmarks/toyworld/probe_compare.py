@@ -66,20 +66,24 @@ def toy_features(num: int, seed: int, start: int, batch: int = 8):
         for i in range(0, num, batch):
             seg._ensure_ready()
             x0 = seg.encode(images[i : i + batch])
-            _, f = seg.reference_pass(x0, seeds[i : i + batch], "none")
+            _, f = method.reference_pass(seg.frozen_model(), x0, seeds[i : i + batch], seg.config, "none")
             feats.append(f.float())
     latent_hw = tuple(x0.shape[-2:])
     grid = method.token_grid(feats[0].shape[1], latent_hw)
     return torch.cat(feats), grid, labels, seeds, latent_hw, seg
 
 
-def kmeans_masks(features, seeds, latent_hw, num_masks: int, size):
-    """configs/toyworld.yaml's k-means masks of the features, nearest-upsampled to `size` (B, H, W)."""
+def kmeans_masks(features, seeds, latent_hw, config, num_masks: int, size):
+    """The k-means masks (`config`'s k-means settings, K = `num_masks`) of the features, nearest-upsampled to
+    `size` (B, H, W)."""
+    import dataclasses
+
     import torch.nn.functional as F
 
     from emerdiff_pl import method
 
-    lowres = method.lowres_masks(features, num_masks, seeds, latent_hw, n_init=5, max_iter=100)[0]
+    config = dataclasses.replace(config, num_masks=num_masks)
+    lowres = method.lowres_masks(features, seeds, latent_hw, config)[0]
     return F.interpolate(lowres[:, None].float(), size=size, mode="nearest-exact")[:, 0].long()
 
 
@@ -120,14 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     train_f, grid, train_y, _, _, seg = toy_features(max(sizes), args.seed, LABELLED_START)
     held_f, _, held_y, held_seeds, latent_hw, _ = toy_features(args.num_heldout, args.seed, 0)
     print(f"features {tuple(train_f.shape)} on a {grid} grid, {time.perf_counter() - t0:.1f} s", flush=True)
-    hp = seg.hparams
-    source = FeatureSource(
-        hp.pretrained, hp.feature_layer, hp.feature_timestep, train_f.shape[-1], hp.resolution, hp.resize
-    )
+    source = FeatureSource.of(seg.config, train_f.shape[-1])
     names = toyworld.CLASS_NAMES
     size = tuple(held_y.shape[-2:])
-    k = seg.hparams.num_masks
-    masks = kmeans_masks(held_f, held_seeds, latent_hw, k, size)
+    k = seg.config.num_masks
+    masks = kmeans_masks(held_f, held_seeds, latent_hw, seg.config, k, size)
     results: dict[str, float] = {}
     print(
         f"{'N':>3} {'kind':<10} {'targets':<10} {'wd':>7} | {'acc':>6} {'mIoU':>6} {'cell':>6} | "
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         probs = probe.scores(held_f, grid)
     for num_masks in (int(v) for v in args.kmeans_masks.split(",")):
         named = method.classify_masks(
-            probs, kmeans_masks(held_f, held_seeds, latent_hw, num_masks, size), num_masks
+            probs, kmeans_masks(held_f, held_seeds, latent_hw, seg.config, num_masks, size), num_masks
         )
         miou = named_scores(named, held_y, len(names))[1]
         results[f"kmeans{num_masks}_named_n{sizes[-1]}"] = 100 * miou
