@@ -155,11 +155,11 @@ class LabelFolder:
     """A folder of label PNGs (class ids, 8- or 16-bit greyscale or palette indices), each the ground truth of
     the prediction keyed from the same path with an image extension (the module docstring's rule)."""
 
-    def __init__(self, folder: str | os.PathLike):
-        self.spec = str(folder)
+    def __init__(self, folder: str | os.PathLike, flag: str = "--gt"):
+        self.spec, self.flag = str(folder), flag
         self.files = [path for _, path in list_folder(folder)]
         if not self.files:
-            raise FileNotFoundError(f"--gt {self.spec!r} holds neither *.tar shards nor label PNGs")
+            raise FileNotFoundError(f"{flag} {self.spec!r} holds neither *.tar shards nor label PNGs")
         self._of_key: dict[str, list[str]] = {}
         self._claimed: dict[str, str] = {}  # label file → the prediction it was read for
         variants = _extension_variants()
@@ -172,7 +172,9 @@ class LabelFolder:
     def _file(self, key: str) -> str | None:
         paths = self._of_key.get(key, [])
         if len(paths) > 1:
-            raise ValueError(f"prediction {key!r} matches several label files of --gt: {sorted(paths)}")
+            raise ValueError(
+                f"prediction {key!r} matches several label files of {self.flag}: {sorted(paths)}"
+            )
         return paths[0] if paths else None
 
     def label(self, key: str) -> np.ndarray | None:
@@ -182,15 +184,9 @@ class LabelFolder:
         if self._claimed.setdefault(path, key) != key:
             raise ValueError(
                 f"label file {path} matches two predictions, {self._claimed[path]!r} and {key!r} (images that differ "
-                "only in their extension): rename one of the images, or give --gt shards keyed by prediction key"
+                "only in their extension): rename one of the images, or give {self.flag} shards keyed by prediction key"
             )
-        label = read_label_png(Path(path).read_bytes())
-        if label.ndim != 2:
-            raise ValueError(
-                f"label file {path} is {'×'.join(map(str, label.shape))} (colour?): --gt needs class ids, one "
-                "channel (8- or 16-bit greyscale, or palette indices)"
-            )
-        return label
+        return _label_file(path, self.flag)
 
     def why_missing(self, key: str) -> str:
         stem = key.rsplit("_", 1)[0] if key.rsplit("_", 1)[-1].lower() in IMAGE_EXTENSIONS else key
@@ -204,10 +200,54 @@ class LabelFolder:
         """Nothing held open."""
 
 
-def open_labels(spec: str, field: str) -> ShardLabels | LabelFolder:
-    """``--gt``: ground-truth shards with ``<key>.<field>``, or a folder of label PNGs matched by file stem."""
+class LabelsBeside:
+    """The label PNG beside each image of a folder, ``a.<field>`` for ``a.jpg`` (``a.gt.png``): a folder that is
+    images and labels at once (``fit-probe --labelled``). ``list_folder`` never lists these files as images."""
+
+    def __init__(self, images: FolderImages, field: str):
+        self.images, self.field = images, field
+
+    def _path(self, key: str) -> Path | None:
+        image = self.images.by_key.get(key)
+        return (
+            None
+            if image is None
+            else Path(image).with_name(f"{Path(image).name.rsplit('.', 1)[0]}.{self.field}")
+        )
+
+    def label(self, key: str) -> np.ndarray | None:
+        path = self._path(key)
+        return _label_file(str(path), "--labelled") if path is not None and path.is_file() else None
+
+    def why_missing(self, key: str) -> str:
+        return f"no label file {self._path(key)} beside the image of {key!r}"
+
+    def unmatched(self, seen: set[str]) -> list[str]:
+        return []  # a label file without its image is not listed
+
+    def close(self) -> None:
+        """Nothing held open."""
+
+
+def _label_file(path: str, flag: str) -> np.ndarray:
+    """A label PNG of class ids as stored (2-D); a colour PNG is refused naming the file."""
+    label = read_label_png(Path(path).read_bytes())
+    if label.ndim != 2:
+        raise ValueError(
+            f"label file {path} is {'×'.join(map(str, label.shape))} (colour?): {flag} needs class ids, one "
+            "channel (8- or 16-bit greyscale, or palette indices)"
+        )
+    return label
+
+
+Labels = ShardLabels | LabelFolder | LabelsBeside
+
+
+def open_labels(spec: str, field: str, flag: str = "--gt") -> ShardLabels | LabelFolder:
+    """``--gt``: ground-truth shards with ``<key>.<field>``, or a folder of label PNGs matched by file stem
+    (``flag``: the option the user gave it, for messages)."""
     if os.path.isdir(spec) and not _holds_tars(spec):
-        return LabelFolder(spec)
+        return LabelFolder(spec, flag)
     return ShardLabels(spec, field)
 
 
@@ -215,6 +255,8 @@ __all__ = [
     "FolderImages",
     "ImageSource",
     "LabelFolder",
+    "Labels",
+    "LabelsBeside",
     "ShardImages",
     "ShardLabels",
     "image_of",

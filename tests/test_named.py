@@ -329,6 +329,32 @@ def test_fit_probe_reports_no_labels_and_ids_beyond_the_classes(tmp_path, capsys
     assert "'a_jpg': label ids [5] are ≥ the 2 classes of --class-names" in capsys.readouterr().err
 
 
+def test_fit_probe_takes_a_label_folder_matched_as_evaluate_matches_it(tmp_path, capsys):
+    """--labels: images/x/a.jpg takes labels/x/a.png (evaluate's folder rule, emerdiff_pl.sources); an image
+    without a label file is left out, and a colour label file is refused naming the file and --labels."""
+    from emerdiff_pl.cli import main
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    for folder in (images / "x", labels / "x"):
+        folder.mkdir(parents=True)
+    (images / "x" / "a.jpg").write_bytes(encode(Image.fromarray(random_rgb(32, 32, 1)), "JPEG"))
+    (images / "b.png").write_bytes(encode(Image.fromarray(random_rgb(32, 48, 2)), "PNG"))
+    (images / "c.png").write_bytes(encode(Image.fromarray(random_rgb(32, 32, 3)), "PNG"))  # no label: left out
+    halves = np.zeros((32, 32), np.uint8)
+    halves[:, 16:] = 1
+    (labels / "x" / "a.png").write_bytes(_png(halves))
+    (labels / "b.png").write_bytes(_png(np.ones((32, 48), np.uint8)))
+    config = str(REPO / "configs" / "tiny.yaml")
+    args = ["fit-probe", "--config", config, "--labelled", str(images), "--labels", str(labels)]
+    args += ["--class-names", "a,b", "--out", str(tmp_path / "p.safetensors")]
+    assert main(args) == 0
+    assert "linear probe on 2 images" in capsys.readouterr().out
+    (labels / "b.png").write_bytes(_png(np.ones((32, 48, 3), np.uint8)))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "b.png" in err and "--labels needs class ids" in err
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # named output through relabel, evaluate, export, show
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,9 +15,12 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emerdiff_pl.fields import GT_FIELD
+
+if TYPE_CHECKING:
+    from emerdiff_pl.sources import Labels
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,32 +92,36 @@ def model_settings(config_path: str) -> dict[str, Any]:
     return {**model, "method": "lowres_bilinear", "classifier": "none", "refine": "none"}
 
 
-def labelled_images(labelled: str, labels: str | None) -> Iterator[tuple[str, bytes, bytes]]:
-    """(key, image bytes, label PNG bytes) of every labelled image: from ground-truth shards, or a folder."""
-    from emerdiff_pl.codec import image_field
-    from emerdiff_pl.paths import list_folder
-    from emerdiff_pl.shardio import iter_raw_samples
+def labelled_images(labelled: str, labels: str | None) -> Iterator[tuple[str, Any, Any]]:
+    """(key, image H×W×3 uint8, label map) of every labelled image, read by :mod:`emerdiff_pl.sources` as every
+    command reads images and ground truth: shards with ``<key>.gt.png``, a folder of images with ``<stem>.gt.png``
+    beside each, or a folder of images with ``labels`` a folder of label PNGs at the same relative stems."""
+    from emerdiff_pl.sources import FolderImages, LabelsBeside, image_of, open_images, open_labels
 
-    folder = Path(labelled)
-    if folder.is_dir() and not any(p.suffix == ".tar" for p in folder.iterdir()):
-        for key, path in list_folder(folder):
-            image = Path(path)
-            if labels is not None:
-                stem = image.relative_to(folder).with_suffix(".png")
-                label = Path(labels) / stem
-            else:
-                label = image.with_name(f"{image.name.rsplit('.', 1)[0]}.{GT_FIELD}")
-            if label.is_file():
-                yield key, image.read_bytes(), label.read_bytes()
-        return
+    images = open_images(labelled)
+    truth: Labels
     if labels is not None:
-        raise ValueError(
-            "--labels goes with a folder of images, not with shards (their labels are <key>.gt.png)"
-        )
-    for sample in iter_raw_samples(labelled):
-        if GT_FIELD in sample:
-            fields = {k: v for k, v in sample.items() if not k.startswith("__")}
-            yield sample["__key__"], image_field(fields), sample[GT_FIELD]
+        if not isinstance(images, FolderImages):
+            raise ValueError(
+                "--labels goes with a folder of images, not with shards (their labels are <key>.gt.png)"
+            )
+        truth = open_labels(labels, GT_FIELD, flag="--labels")
+    elif isinstance(images, FolderImages):
+        truth = LabelsBeside(images, GT_FIELD)
+    else:
+        truth = open_labels(labelled, GT_FIELD, flag="--labelled")
+    try:
+        for key in images:
+            label = truth.label(key)
+            if label is None:
+                continue
+            rgb = image_of(images, key)
+            if rgb is None:
+                raise ValueError(f"{key!r}: its image in {labelled!r} cannot be decoded (fix or remove it)")
+            yield key, rgb, label
+    finally:
+        images.close()
+        truth.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from emerdiff_pl.classifiers.probe import FeatureSource, fit_probe
-    from emerdiff_pl.codec import decode_image, read_label_png
     from emerdiff_pl.datasets import class_names
     from emerdiff_pl.segmenter import EmerDiffSegmenter
 
@@ -143,9 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             f"--holdout {args.holdout} leaves none of the {len(items)} labelled images to fit on"
         )
     labelled: list[tuple[Any, tuple[int, int], list[Any]]] = []
-    for key, image_bytes, label_bytes in tqdm(items, desc="features", unit="img", file=sys.stderr):
-        rgb = decode_image(image_bytes)
-        label = torch.from_numpy(read_label_png(label_bytes))
+    for key, rgb, label_ids in tqdm(items, desc="features", unit="img", file=sys.stderr):
+        label = torch.from_numpy(label_ids.astype("int64"))
         bad = (label >= len(names)) & (label != 255)
         if bad.any():
             raise ValueError(
