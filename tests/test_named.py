@@ -339,7 +339,9 @@ def test_fit_probe_takes_a_label_folder_matched_as_evaluate_matches_it(tmp_path,
         folder.mkdir(parents=True)
     (images / "x" / "a.jpg").write_bytes(encode(Image.fromarray(random_rgb(32, 32, 1)), "JPEG"))
     (images / "b.png").write_bytes(encode(Image.fromarray(random_rgb(32, 48, 2)), "PNG"))
-    (images / "c.png").write_bytes(encode(Image.fromarray(random_rgb(32, 32, 3)), "PNG"))  # no label: left out
+    (images / "c.png").write_bytes(
+        encode(Image.fromarray(random_rgb(32, 32, 3)), "PNG")
+    )  # no label: left out
     halves = np.zeros((32, 32), np.uint8)
     halves[:, 16:] = 1
     (labels / "x" / "a.png").write_bytes(_png(halves))
