@@ -10,6 +10,8 @@ Lightning is imported. :meth:`EmerDiffConfig.label_settings` are the ones an out
 
 from __future__ import annotations
 
+import hashlib
+import os
 import types
 from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -221,9 +223,15 @@ class EmerDiffConfig:
         return {spec.name: getattr(self, spec.name) for spec in fields(self)}
 
     def label_settings(self) -> dict[str, Any]:
-        """The settings that shape the labels: every field not marked :data:`RUNTIME_ONLY`. An output folder
-        records them and refuses a rerun whose labels they would change (``writer.allow_changed_settings``)."""
-        return {spec.name: getattr(self, spec.name) for spec in fields(self) if not _runtime_only(spec)}
+        """The settings that shape the labels: every field not marked :data:`RUNTIME_ONLY`, and with
+        ``classifier: probe`` the SHA-256 of the probe file as ``probe_sha256`` (a probe refit into the same file
+        names masks otherwise). An output folder records them and refuses a rerun whose labels they would change
+        (``writer.allow_changed_settings``)."""
+        settings = {spec.name: getattr(self, spec.name) for spec in fields(self) if not _runtime_only(spec)}
+        if self.classifier == "probe" and self.probe is not None and os.path.isfile(self.probe):
+            with open(self.probe, "rb") as f:
+                settings["probe_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+        return settings
 
     @classmethod
     def type_text(cls, name: str) -> str:

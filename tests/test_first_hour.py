@@ -342,9 +342,9 @@ def test_label_settings_are_every_config_field_but_the_runtime_only_ones():
 
     @dataclasses.dataclass(frozen=True)
     class Later(EmerDiffConfig):  # a setting added to the config later counts without being listed anywhere
-        classifier: str | None = None
+        sharpen: float | None = None
 
-    assert "classifier" in Later().label_settings() and Later.label_defaults()["classifier"] is None
+    assert "sharpen" in Later().label_settings() and Later.label_defaults()["sharpen"] is None
 
 
 def _predict_main(script: Path, out: Path, folder: Path, *args: str) -> subprocess.CompletedProcess:

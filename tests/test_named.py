@@ -277,6 +277,30 @@ def test_named_output_and_mask_ids_never_mix_in_one_folder(tmp_path):
     assert not list(tmp_path.glob("*.tar"))
 
 
+def test_a_probe_refit_into_the_same_file_is_a_changed_label_setting(tmp_path, tiny_probe):
+    """The output folder's settings record holds the probe file's SHA-256: a rerun with a probe refit into the same
+    path is refused naming it, the same probe resumes."""
+    import shutil
+
+    from emerdiff_pl.classifiers.probe import Probe
+    from emerdiff_pl.config import EmerDiffConfig
+    from emerdiff_pl.manifest import SettingsChangedError, check_settings
+
+    path = tmp_path / "probe.safetensors"
+    shutil.copy(tiny_probe, path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a0000of0001-r000of001-20260101T000000Z-abcdef-000000.tar").write_bytes(b"")  # labels exist
+    settings = lambda: EmerDiffConfig(classifier="probe", probe=str(path)).label_settings()  # noqa: E731
+    assert check_settings(out, settings()) == {} and check_settings(out, settings()) == {}
+    refit = Probe.load(path)
+    for buffer in refit.buffers():
+        buffer.mul_(2)
+    refit.save(path)
+    with pytest.raises(SettingsChangedError, match="model.probe_sha256"):
+        check_settings(out, settings())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # fit-probe
 # ----------------------------------------------------------------------------------------------------------------
