@@ -7,7 +7,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import dataclasses
-import io
 import json
 from pathlib import Path
 
@@ -15,7 +14,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST_SEGMENTER, encode, random_rgb, read_output, smooth_images, write_tar
+from conftest import (
+    FAST_SEGMENTER,
+    encode,
+    npy_bytes,
+    png_bytes,
+    random_rgb,
+    read_output,
+    smooth_images,
+    write_tar,
+)
 from PIL import Image
 
 from emerdiff_pl import method
@@ -28,18 +36,6 @@ from emerdiff_pl.segmenter import EmerDiffSegmenter
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ["sky", "water, sea", "grass"]  # the second line has a synonym: outputs name it "water"
-
-
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +153,7 @@ def test_a_field_mask_over_ignored_coarse_pixels_gets_ignore():
 
     labels = np.full((4, 4), IGNORE_CLASS, np.uint8)
     labels[:, :2] = 2
-    scores = coarse_scores(_png(labels), "coarse.png", 3, "k")[None]  # (1, 3, 4, 4)
+    scores = coarse_scores(png_bytes(labels), "coarse.png", 3, "k")[None]  # (1, 3, 4, 4)
     masks = torch.zeros(1, 8, 8, dtype=torch.long)
     masks[:, :, 5:] = 1  # mask 1: pixels whose bilinear scores come from ignored cells only
     named = method.classify_masks(scores, masks, 2)
@@ -210,16 +206,16 @@ def _coarse_shards(tmp_path: Path) -> str:
     samples = [
         (
             "good_png",
-            {"input.png": image, "coarse.png": _png(good)},
+            {"input.png": image, "coarse.png": png_bytes(good)},
         ),  # input.png + coarse.png: which is the image?
         (
             "good_npy",
-            {"png": image, "coarse.npy": _npy(np.random.default_rng(0).random((3, 2, 3), np.float32))},
+            {"png": image, "coarse.npy": npy_bytes(np.random.default_rng(0).random((3, 2, 3), np.float32))},
         ),
         ("no_coarse", {"png": image}),
-        ("transposed", {"png": image, "coarse.png": _png(good.T.copy())}),
-        ("bad_ids", {"png": image, "coarse.png": _png(np.full((4, 6), 7, np.uint8))}),
-        ("bad_channels", {"png": image, "coarse.npy": _npy(np.zeros((5, 4, 6), np.float32))}),
+        ("transposed", {"png": image, "coarse.png": png_bytes(good.T.copy())}),
+        ("bad_ids", {"png": image, "coarse.png": png_bytes(np.full((4, 6), 7, np.uint8))}),
+        ("bad_channels", {"png": image, "coarse.npy": npy_bytes(np.zeros((5, 4, 6), np.float32))}),
     ]
     return str(write_tar(tmp_path / "in" / "coarse-000000.tar", samples))
 
@@ -246,9 +242,9 @@ def test_a_folder_reads_coarse_maps_beside_images_and_never_labels_them(tmp_path
     folder = tmp_path / "images"
     folder.mkdir()
     (folder / "a.jpg").write_bytes(encode(Image.fromarray(random_rgb(32, 32, 2)), "JPEG"))
-    (folder / "a.coarse.png").write_bytes(_png(np.zeros((4, 4), np.uint8)))
+    (folder / "a.coarse.png").write_bytes(png_bytes(np.zeros((4, 4), np.uint8)))
     (folder / "b.png").write_bytes(encode(Image.fromarray(random_rgb(32, 32, 3)), "PNG"))
-    (folder / "b.gt.png").write_bytes(_png(np.zeros((32, 32), np.uint8)))  # no coarse map for b
+    (folder / "b.gt.png").write_bytes(png_bytes(np.zeros((32, 32), np.uint8)))  # no coarse map for b
     assert [key for key, _ in list_folder(folder, all_files=True)] == ["a_jpg", "b_png"]
     out = tmp_path / "out"
     args = ["--data.folder", str(folder), "--writer.output_dir", str(out)]
@@ -348,7 +344,7 @@ def test_fit_probe_reports_no_labels_and_ids_beyond_the_classes(tmp_path, capsys
     args = ["fit-probe", "--config", config, "--labelled", str(folder), "--class-names", "a,b"]
     assert main([*args, "--out", str(tmp_path / "p.safetensors")]) == 2
     assert "no labelled images" in capsys.readouterr().err
-    (folder / "a.gt.png").write_bytes(_png(np.full((32, 32), 5, np.uint8)))
+    (folder / "a.gt.png").write_bytes(png_bytes(np.full((32, 32), 5, np.uint8)))
     assert main([*args, "--out", str(tmp_path / "p.safetensors")]) == 2
     assert "'a_jpg': label ids [5] are ≥ the 2 classes of --class-names" in capsys.readouterr().err
 
@@ -368,14 +364,14 @@ def test_fit_probe_takes_a_label_folder_matched_as_evaluate_matches_it(tmp_path,
     )  # no label: left out
     halves = np.zeros((32, 32), np.uint8)
     halves[:, 16:] = 1
-    (labels / "x" / "a.png").write_bytes(_png(halves))
-    (labels / "b.png").write_bytes(_png(np.ones((32, 48), np.uint8)))
+    (labels / "x" / "a.png").write_bytes(png_bytes(halves))
+    (labels / "b.png").write_bytes(png_bytes(np.ones((32, 48), np.uint8)))
     config = str(REPO / "configs" / "tiny.yaml")
     args = ["fit-probe", "--config", config, "--labelled", str(images), "--labels", str(labels)]
     args += ["--class-names", "a,b", "--out", str(tmp_path / "p.safetensors")]
     assert main(args) == 0
     assert "linear probe on 2 images" in capsys.readouterr().out
-    (labels / "b.png").write_bytes(_png(np.ones((32, 48, 3), np.uint8)))
+    (labels / "b.png").write_bytes(png_bytes(np.ones((32, 48, 3), np.uint8)))
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "b.png" in err and "--labels needs class ids" in err
@@ -393,8 +389,8 @@ PRED = np.array([[0, 1, 1, 1], [0, 0, 255, 1]], np.uint8)
 def _named_shards(tmp_path: Path) -> tuple[str, str]:
     meta = {"key": "k", "classifier": {"classifier": "probe"}, "class_names": ["road", "tree"]}
     image = encode(Image.fromarray(random_rgb(2, 4, 0)), "PNG")
-    pred = write_tar(tmp_path / "pred" / "p-000000.tar", [("k", {"seg.png": _png(PRED), "json": json.dumps(meta).encode(), "png": image})])  # fmt: skip
-    gt = write_tar(tmp_path / "gt" / "g-000000.tar", [("k", {"png": image, "gt.png": _png(GT)})])
+    pred = write_tar(tmp_path / "pred" / "p-000000.tar", [("k", {"seg.png": png_bytes(PRED), "json": json.dumps(meta).encode(), "png": image})])  # fmt: skip
+    gt = write_tar(tmp_path / "gt" / "g-000000.tar", [("k", {"png": image, "gt.png": png_bytes(GT)})])
     return str(pred), str(gt)
 
 
@@ -428,7 +424,7 @@ def test_named_output_refuses_ids_beyond_its_classes_in_export(tmp_path, capsys)
     from emerdiff_pl.commands.export import main
 
     meta = {"classifier": {"classifier": "field"}, "class_names": ["road"]}
-    bad = write_tar(tmp_path / "p.tar", [("k", {"seg.png": _png(PRED), "json": json.dumps(meta).encode(), "png": _png(random_rgb(2, 4))})])  # fmt: skip
+    bad = write_tar(tmp_path / "p.tar", [("k", {"seg.png": png_bytes(PRED), "json": json.dumps(meta).encode(), "png": png_bytes(random_rgb(2, 4))})])  # fmt: skip
     assert main(["--input", str(bad), "--out", str(tmp_path / "export")]) == 2
     assert "id 1 ≥ the 1 named classes" in capsys.readouterr().err
 

@@ -6,13 +6,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import io
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from conftest import npy_bytes, png_bytes
 
 from emerdiff_pl import method
 from emerdiff_pl.classifiers import (
@@ -303,26 +302,14 @@ def test_a_clip_folder_without_config_is_named(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
 def test_a_coarse_label_map_gives_one_hot_scores_with_ignore_scoring_nothing():
     labels = np.array([[0, 2, 255], [1, 1, 0]], dtype=np.uint8)
     expected = F.one_hot(torch.tensor([[0, 2, 0], [1, 1, 0]]), 3).permute(2, 0, 1).float()
     expected[:, 0, 2] = 0
-    assert torch.equal(coarse_scores(_png(labels), "coarse.png", 3, "k"), expected)
-    assert torch.equal(coarse_scores(_npy(labels.astype(np.int32)), "coarse.npy", 3, "k"), expected)
+    assert torch.equal(coarse_scores(png_bytes(labels), "coarse.png", 3, "k"), expected)
+    assert torch.equal(coarse_scores(npy_bytes(labels.astype(np.int32)), "coarse.npy", 3, "k"), expected)
     scores = np.random.default_rng(0).random((3, 4, 5)).astype(np.float32)
-    assert torch.equal(coarse_scores(_npy(scores), "coarse.npy", 3, "k"), torch.from_numpy(scores))
+    assert torch.equal(coarse_scores(npy_bytes(scores), "coarse.npy", 3, "k"), torch.from_numpy(scores))
 
 
 @pytest.mark.parametrize(
@@ -330,15 +317,15 @@ def test_a_coarse_label_map_gives_one_hot_scores_with_ignore_scoring_nothing():
     [
         (
             "coarse.npy",
-            _npy(np.zeros((4, 3, 3), np.float32)),
+            npy_bytes(np.zeros((4, 3, 3), np.float32)),
             r"4 score channels, but there are 3 class names",
         ),
-        ("coarse.npy", _npy(np.zeros((1, 3, 3, 3), np.float32)), r"got shape \(1, 3, 3, 3\)"),
-        ("coarse.npy", _npy(np.zeros((3, 3), np.float32)), r"integer class ids, got float32"),
-        ("coarse.npy", _npy(np.full((3, 2, 2), np.nan, np.float32)), r"NaN"),
+        ("coarse.npy", npy_bytes(np.zeros((1, 3, 3, 3), np.float32)), r"got shape \(1, 3, 3, 3\)"),
+        ("coarse.npy", npy_bytes(np.zeros((3, 3), np.float32)), r"integer class ids, got float32"),
+        ("coarse.npy", npy_bytes(np.full((3, 2, 2), np.nan, np.float32)), r"NaN"),
         ("coarse.npy", b"not an npy", r"cannot read \.npy"),
-        ("coarse.png", _png(np.full((3, 3), 5, np.uint8)), r"class ids \[5\] outside \[0, 3\)"),
-        ("coarse.png", _png(np.zeros((3, 3, 3), np.uint8)), r"single-channel PNG .* got mode RGB"),
+        ("coarse.png", png_bytes(np.full((3, 3), 5, np.uint8)), r"class ids \[5\] outside \[0, 3\)"),
+        ("coarse.png", png_bytes(np.zeros((3, 3, 3), np.uint8)), r"single-channel PNG .* got mode RGB"),
         ("coarse.png", b"garbage", r"cannot decode PNG"),
         ("coarse.jpg", b"", r"not a coarse map field"),
     ],
