@@ -9,6 +9,8 @@ already written by an earlier attempt, or recorded as failures by one, are skipp
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -63,6 +65,27 @@ def ignore_stop_signals(worker_id: int) -> None:
     process winds down and the workers end with it."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def kill_workers_left_at_exit() -> None:
+    """At interpreter exit, SIGKILL the dataloader workers still alive (they only read inputs). After an interrupt
+    (Ctrl-C, SIGTERM) the loader is not always shut down before exit; multiprocessing's exit handler then
+    `terminate()`s its daemonic children, a SIGTERM that :func:`ignore_stop_signals` workers ignore, and joins
+    them: the process would wait forever with its summary already written. Registered when a loader with workers
+    is built, so it runs before multiprocessing's handler (atexit is last in, first out)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+_kill_at_exit_registered = False
+
+
+def _register_worker_cleanup() -> None:
+    global _kill_at_exit_registered
+    if not _kill_at_exit_registered:
+        atexit.register(kill_workers_left_at_exit)
+        _kill_at_exit_registered = True
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -436,6 +459,8 @@ class EmerDiffDataModule(pl.LightningDataModule):
                 "workers (split the input into more shards for more parallelism)",
                 stacklevel=2,
             )
+        if workers:
+            _register_worker_cleanup()
         return DataLoader(
             dataset,
             batch_size=None,
