@@ -369,6 +369,14 @@ def check_model(config: EmerDiffConfig) -> None:
     check_classifier(config, unet)
 
 
+def check_probe_file(config: EmerDiffConfig) -> None:
+    """With ``classifier: probe``, the probe file exists (what the command line can check before Lightning)."""
+    if config.classifier == "probe" and not Path(str(config.probe)).expanduser().is_file():
+        raise UserError(
+            f"--model.probe: probe file {config.probe!r} does not exist; write one with emerdiff-pl fit-probe"
+        )
+
+
 def check_classifier(config: EmerDiffConfig, unet: Any) -> None:
     """The classifier can be built (emerdiff_pl.classifiers): the probe file exists and was fit on this model's
     features (feature width from ``unet``, a meta-device U-Net), a CLIP folder holds a model or a hub id is
@@ -399,6 +407,7 @@ __all__ = [
     "UserError",
     "check_accelerator",
     "check_classifier",
+    "check_probe_file",
     "check_input",
     "check_model",
     "check_model_settings",

@@ -603,8 +603,11 @@ print("HEAVY=" + ",".join(heavy))
 
 @pytest.mark.parametrize(
     "case",
-    ["help", "bare", "missing_folder", "prefix", "zero_masks", "not_a_number", "missing_config", "bad_yaml"],
-)
+    [
+        "help", "bare", "missing_folder", "prefix", "zero_masks", "not_a_number", "missing_config", "bad_yaml",
+        "missing_probe",
+    ],
+)  # fmt: skip
 def test_predict_help_and_mistakes_are_answered_before_lightning_is_imported(tmp_path: Path, case: str):
     (tmp_path / "bad.yaml").write_text("model: [\n")
     folder = str(_photos(tmp_path / "in", 1))
@@ -623,6 +626,11 @@ def test_predict_help_and_mistakes_are_answered_before_lightning_is_imported(tmp
         "not_a_number": ([*base, "--model.num_masks", "abc"], 2, "--model.num_masks must be int, got 'abc'"),
         "missing_config": (["predict", "--config", str(tmp_path / "nope.yaml")], 2, "nope.yaml'"),
         "bad_yaml": (["predict", "--config", str(tmp_path / "bad.yaml")], 2, "is not valid YAML (line 2"),
+        "missing_probe": (
+            [*base, "--model.classifier", "probe", "--model.probe", str(tmp_path / "p.safetensors")],
+            2,
+            "--model.probe: probe file",
+        ),
     }[case]
     result = run([sys.executable, "-c", _PROBE_CODE.format(argv=argv)])
     assert f"CODE={code}" in result.stdout and "HEAVY=\n" in result.stdout, (

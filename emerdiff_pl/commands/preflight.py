@@ -342,7 +342,13 @@ def read_command_line(argv: list[str], options: dict[str, list[Option]]) -> Comm
 def check_values(command: CommandLine) -> None:
     """Input and output paths, model settings, and the output folder's recorded settings (what needs no model
     and no Lightning); every problem in one :class:`UserError`."""
-    from emerdiff_pl.validation import check_input, check_model_values, check_output_dir, collect_problems
+    from emerdiff_pl.validation import (
+        check_input,
+        check_model_values,
+        check_output_dir,
+        check_probe_file,
+        collect_problems,
+    )
 
     data, writer, model = (command.groups[g] for g in ("data", "writer", "model"))
     problems = collect_problems(
@@ -354,7 +360,9 @@ def check_values(command: CommandLine) -> None:
     )
     if problems:
         raise problems
-    _check_recorded_settings(check_model_values(model), writer)
+    config = check_model_values(model)
+    check_probe_file(config)
+    _check_recorded_settings(config, writer)
 
 
 def _check_recorded_settings(config: Any, writer: dict[str, Any]) -> None:
