@@ -435,7 +435,7 @@ def test_named_output_is_shown_by_class_with_a_legend_of_names(tmp_path, monkeyp
     drawn = {}
 
     def capture(rows, titles, row_labels, legend, **kwargs):
-        drawn["legend"] = legend
+        drawn["legend"], drawn["titles"] = legend, titles
         return Image.new("RGB", (8, 8))
 
     monkeypatch.setattr(show, "contact_sheet", capture)
@@ -443,6 +443,7 @@ def test_named_output_is_shown_by_class_with_a_legend_of_names(tmp_path, monkeyp
     assert show.main(["--input", pred, "--gt", gt, "--out", str(tmp_path / "sheet.png")]) == 0
     section, entries = drawn["legend"][0]
     assert section == "classes in seg.png" and entries == [(0, "0 road"), (1, "1 tree")]
+    assert "mask ids, not classes" in drawn["titles"][2]  # the low-res map is not named
 
 
 def test_relabel_refuses_named_output(tmp_path, capsys):

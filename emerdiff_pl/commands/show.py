@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     titles = [
         "image",
         f"overlay ({args.field}{', GT colours' if matched else ''})",
-        f"low-res ({args.lowres_field})",
+        f"low-res ({args.lowres_field}{': mask ids, not classes' if named is not None else ''})",
     ]
     if gts is not None:
         titles.append(f"ground truth ({GT_FIELD})")
