@@ -1,12 +1,26 @@
 """Integer label maps on their pixel grid: nearest-neighbour resizing and the boundaries between regions.
 
 One definition each for everything that draws or scores label maps (overlays, the boundary F-score, evaluation
-at the ground truth's size): a boundary is where two 4-neighbours hold different labels.
+at the ground truth's size): a boundary is where two 4-neighbours hold different labels; an id is a class id
+below C or 255 (ignore).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+
+from emerdiff_pl.fields import IGNORE_CLASS
+
+
+def ids_beyond_classes(labels: Any, num_classes: int) -> list[int]:
+    """The ids of a label map (numpy array or torch tensor) that are neither a class id (< ``num_classes``) nor
+    ignore (255), up to five, smallest first; [] when every id fits (the check before naming or scoring class ids)."""
+    bad = (labels >= num_classes) & (labels != IGNORE_CLASS)
+    if not bad.any():
+        return []
+    return sorted({int(v) for v in labels[bad].tolist()})[:5]
 
 
 def resize_labels_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:

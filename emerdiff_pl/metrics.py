@@ -30,7 +30,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from emerdiff_pl.fields import IGNORE_CLASS
-from emerdiff_pl.labelmaps import boundaries, resize_labels_nearest
+from emerdiff_pl.labelmaps import boundaries, ids_beyond_classes, resize_labels_nearest
 
 # --------------------------------------------------------------------------------------------------------------
 # scores from accumulated counts
@@ -235,11 +235,10 @@ def named_ids(pred: Tensor, num_classes: int) -> Tensor:
     """Named predictions → rows of :func:`named_assignment`: class ids as they are, 255 (ignore) → C; a ValueError
     for any other id ≥ C."""
     pred = pred.long()
-    bad = (pred >= num_classes) & (pred != IGNORE_CLASS)
-    if bad.any():
+    bad = ids_beyond_classes(pred, num_classes)
+    if bad:
         raise ValueError(
-            f"predicted class id {int(pred[bad].max())} ≥ the {num_classes} classes of the output "
-            f"({IGNORE_CLASS} = ignore)"
+            f"predicted class ids {bad} are ≥ the {num_classes} classes of the output ({IGNORE_CLASS} = ignore)"
         )
     return torch.where(pred == IGNORE_CLASS, num_classes, pred)
 

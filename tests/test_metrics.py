@@ -469,3 +469,16 @@ def test_evaluate_cli_reads_label_fields_of_any_name_raw(tmp_path, capsys):
     # one count per pixel: a label map read as an RGB picture counts every pixel three times
     assert np.asarray(report["global"]["confusion"]).sum() == 2 * STRIPES.size
     assert report["global"]["miou"] == pytest.approx(100.0)
+
+
+def test_named_scores_refuse_ids_beyond_the_classes_but_not_ignore():
+    """Class ids ≥ C (other than 255 = ignore) are named, for numpy label maps and tensors alike; the named
+    assignment maps 255 to the ignore row."""
+    from emerdiff_pl.labelmaps import ids_beyond_classes
+    from emerdiff_pl.metrics import named_ids
+
+    labels = np.array([[0, 2, 255], [9, 3, 9]], np.uint8)
+    assert ids_beyond_classes(labels, 3) == [3, 9] and ids_beyond_classes(torch.from_numpy(labels), 10) == []
+    assert named_ids(torch.tensor([[0, 255, 2]]), 3).tolist() == [[0, 3, 2]]
+    with pytest.raises(ValueError, match=r"predicted class ids \[3, 9\] are ≥ the 3 classes"):
+        named_ids(torch.from_numpy(labels), 3)

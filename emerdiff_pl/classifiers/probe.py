@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from emerdiff_pl.fields import IGNORE_CLASS
+from emerdiff_pl.labelmaps import ids_beyond_classes
 from emerdiff_pl.shardio import file_digest
 
 if TYPE_CHECKING:
@@ -271,12 +272,9 @@ def cell_label_fractions(labels: Tensor, grid: tuple[int, int], num_classes: int
     the last channel the ignored fraction. Each pixel counts in the cell its centre falls in (the grid laid over
     the whole image); counted with bincount, so a 40-megapixel label map costs O(H·W), not O(C·H·W)."""
     labels = labels.long()
-    bad = (labels >= num_classes) & (labels != IGNORE_CLASS)
-    if bad.any():
-        raise ValueError(
-            f"label ids {sorted(int(v) for v in labels[bad].unique()[:5])} are ≥ the {num_classes} classes "
-            f"(255 = ignore)"
-        )
+    bad = ids_beyond_classes(labels, num_classes)
+    if bad:
+        raise ValueError(f"label ids {bad} are ≥ the {num_classes} classes (255 = ignore)")
     (height, width), (h, w) = labels.shape, grid
     ids = torch.where(labels == IGNORE_CLASS, num_classes, labels)  # (H, W) in [0, C]
     rows = ((torch.arange(height, device=ids.device) + 0.5) * h / height).long().clamp_max(h - 1)

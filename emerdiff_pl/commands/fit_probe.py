@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from emerdiff_pl.classifiers.probe import FeatureSource, fit_probe
     from emerdiff_pl.datasets import class_names
+    from emerdiff_pl.labelmaps import ids_beyond_classes
     from emerdiff_pl.segmenter import EmerDiffSegmenter
 
     names = class_names(args.class_names)
@@ -151,11 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     labelled: list[tuple[Any, tuple[int, int], list[Any]]] = []
     for key, rgb, label_ids in tqdm(items, desc="features", unit="img", file=sys.stderr):
         label = torch.from_numpy(label_ids.astype("int64"))
-        bad = (label >= len(names)) & (label != 255)
-        if bad.any():
+        bad = ids_beyond_classes(label, len(names))
+        if bad:
             raise ValueError(
-                f"{key!r}: label ids {sorted(int(v) for v in label[bad].unique()[:5])} are ≥ the {len(names)} "
-                "classes of --class-names (255 = ignore)"
+                f"{key!r}: label ids {bad} are ≥ the {len(names)} classes of --class-names (255 = ignore)"
             )
         image = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255)[None]
         maps = segmenter.score_maps(image)
