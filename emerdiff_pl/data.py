@@ -78,16 +78,6 @@ def kill_workers_left_at_exit() -> None:
             child.kill()
 
 
-_kill_at_exit_registered = False
-
-
-def _register_worker_cleanup() -> None:
-    global _kill_at_exit_registered
-    if not _kill_at_exit_registered:
-        atexit.register(kill_workers_left_at_exit)
-        _kill_at_exit_registered = True
-
-
 # --------------------------------------------------------------------------------------------------------------
 # dataset
 # --------------------------------------------------------------------------------------------------------------
@@ -459,8 +449,9 @@ class EmerDiffDataModule(pl.LightningDataModule):
                 "workers (split the input into more shards for more parallelism)",
                 stacklevel=2,
             )
-        if workers:
-            _register_worker_cleanup()
+        if workers:  # registered once, after multiprocessing's exit handler, so it runs before that one
+            atexit.unregister(kill_workers_left_at_exit)
+            atexit.register(kill_workers_left_at_exit)
         return DataLoader(
             dataset,
             batch_size=None,

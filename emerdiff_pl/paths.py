@@ -72,6 +72,13 @@ def file_key(relative_path: str) -> str:
     return key
 
 
+def companion_path(image_path: str | os.PathLike, field: str) -> Path:
+    """The file that belongs to a folder image, beside it: ``<stem>.<field>`` (``a.jpg`` → ``a.gt.png``,
+    ``a.coarse.npy``); :func:`list_folder` never lists such files as images."""
+    path = Path(image_path)
+    return path.with_name(f"{path.stem}.{field}")
+
+
 def list_folder(folder: str | os.PathLike, all_files: bool = False) -> list[tuple[str, str]]:
     """Sorted (key, path) pairs for the images under ``folder`` (recursive, hidden files and folders ignored, and
     the label and coarse maps beside images: ``a.gt.png``, ``a.coarse.png``, ``a.coarse.npy``).

@@ -45,10 +45,9 @@ CLASSIFIER_SETTINGS = ("classifier", "class_names", "probe", "clip_model", "clip
 
 @dataclass
 class SegmentationResult:
-    labels: (
-        Tensor  # (B, H, W) int64 at the input (or requested) size: mask ids in [0, K), or with a classifier
-    )
-    # class ids in [0, C) and 255 (ignore)
+    # (B, H, W) int64 at the input (or requested) size: mask ids in [0, K), or with a classifier class ids in
+    # [0, C) and 255 (ignore)
+    labels: Tensor
     lowres_labels: Tensor  # (B, h, w) int64, the k-means clusters of the feature layer
     mask_embeddings: Tensor  # (B, K, D) float32, mean feature vector of each low-res mask
     timings: dict[str, float] = field(default_factory=dict)

@@ -20,7 +20,7 @@ import numpy as np
 
 from emerdiff_pl.codec import ImageDecodeError, decode_image, image_field, read_label_png
 from emerdiff_pl.fields import IMAGE_EXTENSIONS
-from emerdiff_pl.paths import file_key, list_folder, safe_key
+from emerdiff_pl.paths import companion_path, file_key, list_folder, safe_key
 from emerdiff_pl.shardio import ShardIndex
 
 # --------------------------------------------------------------------------------------------------------------
@@ -209,11 +209,7 @@ class LabelsBeside:
 
     def _path(self, key: str) -> Path | None:
         image = self.images.by_key.get(key)
-        return (
-            None
-            if image is None
-            else Path(image).with_name(f"{Path(image).name.rsplit('.', 1)[0]}.{self.field}")
-        )
+        return None if image is None else companion_path(image, self.field)
 
     def label(self, key: str) -> np.ndarray | None:
         path = self._path(key)

@@ -183,6 +183,9 @@ class PseudoLabelWriter(BasePredictionWriter):
         self._run_info: dict[str, Any] = {}
         self._versions: dict[str, str] = {}
         self._classifier: dict[str, Any] | None = None  # the model's classifier record (named output), if any
+        self._named_meta: dict[
+            str, Any
+        ] = {}  # what every <key>.json of named output adds (_publish_class_names)
 
     @classmethod
     def of(cls, trainer: pl.Trainer) -> PseudoLabelWriter | None:
@@ -311,9 +314,16 @@ class PseudoLabelWriter(BasePredictionWriter):
     def _publish_class_names(self) -> None:
         """Named output (a model classifier): `id2label.json` at the output root, written once and equal for
         every task, rank and rerun; output without names is never mixed with named output."""
-        from emerdiff_pl.classifiers.names import ID2LABEL_FILE, id2label, publish_id2label, read_id2label
+        from emerdiff_pl.classifiers.names import (
+            ID2LABEL_FILE,
+            display_name,
+            id2label,
+            publish_id2label,
+            read_id2label,
+        )
 
         there = read_id2label(self.output_dir)
+        self._named_meta = {}
         if self._classifier is None:
             if there is not None:
                 raise ValueError(
@@ -327,6 +337,11 @@ class PseudoLabelWriter(BasePredictionWriter):
                 f"classes (model.classifier: {self._classifier.get('classifier')}): write into another folder"
             )
         publish_id2label(self.output_dir, id2label(self._classifier["class_names"]))
+        # <key>.json: the classifier's record and the class names, id i = the i-th as in id2label.json
+        self._named_meta = {
+            "classifier": {k: v for k, v in self._classifier.items() if k != "class_names"},
+            "class_names": [display_name(n) for n in self._classifier["class_names"]],
+        }
 
     def write_on_batch_end(
         self,
@@ -479,7 +494,7 @@ class PseudoLabelWriter(BasePredictionWriter):
                 "batch": _jsonable(prediction.get("timings", {})),
             },
             "output": {"shard": self._shard.name if self._shard else None, "run_id": self.run_id},
-            **self._named(),
+            **self._named_meta,
         }
         members = {
             SEG_FIELD: encode_label_png(labels),
@@ -499,19 +514,6 @@ class PseudoLabelWriter(BasePredictionWriter):
             field, data = image_member(encoded, original)
             members[field] = data
         return members
-
-    def _named(self) -> dict[str, Any]:
-        """`<key>.json`'s entries of named output: the classifier's record and the class names (id i = the
-        i-th, as in `id2label.json`); none for mask ids."""
-        if self._classifier is None:
-            return {}
-        from emerdiff_pl.classifiers.names import display_name
-
-        record = {k: v for k, v in self._classifier.items() if k != "class_names"}
-        return {
-            "classifier": record,
-            "class_names": [display_name(n) for n in self._classifier["class_names"]],
-        }
 
     def _next_shard_name(self) -> str:
         return f"{self.prefix}-{self.run_id}-{self._sequence:06d}.tar"

@@ -20,6 +20,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from emerdiff_pl.fields import COARSE_FIELDS, IGNORE_CLASS
+from emerdiff_pl.paths import companion_path
 
 
 class CoarseMapError(ValueError):
@@ -138,7 +139,7 @@ def coarse_file(image_path: str | Path) -> tuple[str, Path]:
     """The coarse-map file beside a folder image (`img.jpg` → `img.coarse.png` or `img.coarse.npy`) → (field,
     path); CoarseMapError when there is none or both."""
     path = Path(image_path)
-    found = [(f, path.with_name(f"{path.stem}.{f}")) for f in COARSE_FIELDS]
+    found = [(f, companion_path(path, f)) for f in COARSE_FIELDS]
     found = [(f, p) for f, p in found if p.is_file()]
     if len(found) != 1:
         what = "no coarse map" if not found else "two coarse maps"
