@@ -290,15 +290,12 @@ def _read_record(path: Path) -> dict[str, Any] | None:
     raise SettingsChangedError(f"{path} is not a settings record: delete it if no run uses the folder")
 
 
-def _create_record(path: Path, record: dict[str, Any], replace: bool = False) -> bool:
-    """Write ``record`` at ``path`` unless one is there (or over it: ``replace``), atomically: the first of
-    several processes starting at once creates it, the others find it. Returns whether this call wrote it."""
+def create_file_once(path: Path, text: str) -> bool:
+    """Create ``path`` with ``text`` unless it exists, atomically: of several processes starting at once the first
+    creates it complete, the others find it. Returns whether this call created it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(3)}.tmp")
-    tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     try:
-        if replace:
-            os.replace(tmp, path)
-            return True
         os.link(tmp, path)  # fails when the name exists: an atomic create-if-absent, contents complete
         return True
     except FileExistsError:
@@ -309,11 +306,27 @@ def _create_record(path: Path, record: dict[str, Any], replace: bool = False) ->
         except FileExistsError:
             return False
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, indent=1))
+            handle.write(text)
         return True
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _create_record(path: Path, record: dict[str, Any], replace: bool = False) -> bool:
+    """Write ``record`` at ``path`` unless one is there (:func:`create_file_once`), or over it (``replace``,
+    atomically). Returns whether this call wrote it."""
+    text = json.dumps(record, indent=1)
+    if not replace:
+        return create_file_once(path, text)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(3)}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    try:
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return True
 
 
 def _settings_of_samples(root: Path, shards: list[str], names: set[str]) -> dict[str, Any] | None:

@@ -7,7 +7,6 @@ the class's name in the output, the `clip` classifier scores the best of all of 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -38,18 +37,11 @@ def id2label(class_names: Sequence[str]) -> dict[str, str]:
 def publish_id2label(folder: str | os.PathLike, table: dict[str, str]) -> None:
     """Write `<folder>/id2label.json` once, atomically (every task and rank may try; the first one's file
     stands), or check the one there: a different table raises a ValueError naming both."""
+    from emerdiff_pl.manifest import create_file_once
+
     path = Path(folder) / ID2LABEL_FILE
-    text = json.dumps(table, indent=1) + "\n"
     if not path.exists():
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        try:
-            os.link(tmp, path)  # atomic, and never replaces a file another process published first
-        except FileExistsError:
-            pass
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        create_file_once(path, json.dumps(table, indent=1) + "\n")  # never replaces one published first
     there = read_id2label(folder)
     if there != table:
         raise ValueError(
