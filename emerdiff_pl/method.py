@@ -295,8 +295,13 @@ def lowres_bilinear_scores(lowres: Tensor, num_masks: int, size: int | tuple[int
 
 def assign(scores: Tensor, output_size: tuple[int, int]) -> Tensor:
     """The one place score maps (B, K, h, w) become labels: argmax over K, resized nearest to `output_size`."""
-    labels = scores.argmax(1, keepdim=True).float()
-    return F.interpolate(labels, size=tuple(output_size), mode="nearest-exact").squeeze(1).long()
+    return _resize_labels(scores.argmax(1), output_size)
+
+
+def _resize_labels(labels: Tensor, output_size: tuple[int, int]) -> Tensor:
+    """Labels (B, h, w) → (B, H, W) int64, nearest-exact: each output pixel takes the label under its centre."""
+    resized = F.interpolate(labels[:, None].float(), size=tuple(output_size), mode="nearest-exact")
+    return resized.squeeze(1).long()
 
 
 __all__ = [
@@ -349,9 +354,15 @@ def classes_of_masks(mean_scores: Tensor, threshold: float | None = None) -> Ten
     """Each mask's class (B, K) int64: the argmax of its mean scores (B, K, C) (first on ties). IGNORE_CLASS for
     a mask whose best mean score is below `threshold` (None: no threshold), and for one without evidence (every
     mean score 0: an empty mask, or one that covers only a coarse label map's ignored pixels)."""
-    classes = mean_scores.argmax(-1)
-    best = mean_scores.gather(-1, classes.unsqueeze(-1)).squeeze(-1)
-    unsure = (mean_scores == 0).all(-1)
+    return _argmax_or_ignore(mean_scores, -1, threshold)
+
+
+def _argmax_or_ignore(scores: Tensor, dim: int, threshold: float | None) -> Tensor:
+    """The argmax of `scores` over the class dimension `dim` (first on ties), IGNORE_CLASS where the best score is
+    below `threshold` (None: no threshold) or every score is 0 (no evidence)."""
+    classes = scores.argmax(dim)
+    best = scores.gather(dim, classes.unsqueeze(dim)).squeeze(dim)
+    unsure = (scores == 0).all(dim)
     if threshold is not None:
         unsure |= best < threshold
     return classes.masked_fill(unsure, IGNORE_CLASS)
@@ -383,14 +394,7 @@ def assign_classes(scores: Tensor, output_size: tuple[int, int], threshold: floa
     """`assign` for class score maps (B, C, h, w): argmax over C, resized nearest to `output_size`; pixels whose
     best score is below `threshold`, or without evidence (every score 0), → IGNORE_CLASS. With
     `bilinear_class_scores`: the classifier alone; with `mask_class_maps`: named masks."""
-    labels = scores.argmax(1)
-    best = scores.gather(1, labels.unsqueeze(1)).squeeze(1)
-    unsure = (scores == 0).all(1)
-    if threshold is not None:
-        unsure |= best < threshold
-    labels = labels.masked_fill(unsure, IGNORE_CLASS)
-    resized = F.interpolate(labels[:, None].float(), size=tuple(output_size), mode="nearest-exact")
-    return resized.squeeze(1).long()
+    return _resize_labels(_argmax_or_ignore(scores, 1, threshold), output_size)
 
 
 __all__ += [
