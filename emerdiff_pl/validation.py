@@ -390,9 +390,11 @@ def check_classifier(config: EmerDiffConfig, unet: Any) -> None:
         except (OSError, ValueError) as err:
             raise UserError(f"--model.probe: {err}") from None
     elif config.classifier == "clip":
+        from emerdiff_pl.backbone import local_path
+
         name = config.clip_model
-        path = Path(name).expanduser()
-        if path.exists() or name.count("/") != 1 or name.startswith((".", "~", "/")):
+        path = local_path(name)  # the rule load_clip reads the name by: a folder, or a hub id
+        if path is not None:
             if not (path / "config.json").is_file():
                 raise UserError(
                     f"--model.clip_model {name!r} is not a CLIP model folder (no config.json): pass a hub id "
